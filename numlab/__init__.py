@@ -1,0 +1,1 @@
+"""numlab: a JAX laboratory for the numerics of quantized Mixture-of-Experts inference."""
