@@ -1,0 +1,22 @@
+"""Precision names the ops accept, and their JAX dtypes."""
+import jax.numpy as jnp
+
+DTYPES = ("f64", "f32", "bf16", "f16")
+ACTS = ("f64", "f32", "bf16", "f16", "q8_k", "q8_1", "q8_0")
+ACCS = ("f64", "f32")
+ORDERS = ("xla", "pairwise", "sequential")
+EXPS = ("exp", "exp2")
+
+_JDTYPES = {"f64": jnp.float64, "f32": jnp.float32, "bf16": jnp.bfloat16, "f16": jnp.float16}
+
+
+def check(name: str, value: str, valid: tuple) -> str:
+    """`value` if it is one of `valid`, else ValueError naming the bad value and the valid ones."""
+    if value not in valid:
+        raise ValueError(f"unknown {name} {value!r}; valid: {', '.join(valid)}")
+    return value
+
+
+def jdtype(name: str):
+    """The JAX dtype of a float precision name (f64 f32 bf16 f16)."""
+    return _JDTYPES[check("dtype", name, DTYPES)]
