@@ -1,4 +1,5 @@
 """Precision names the ops accept, and their JAX dtypes."""
+import jax
 import jax.numpy as jnp
 
 DTYPES = ("f64", "f32", "bf16", "f16")
@@ -18,5 +19,8 @@ def check(name: str, value: str, valid: tuple) -> str:
 
 
 def jdtype(name: str):
-    """The JAX dtype of a float precision name (f64 f32 bf16 f16)."""
-    return _JDTYPES[check("dtype", name, DTYPES)]
+    """The JAX dtype of a float precision name (f64 f32 bf16 f16); f64 requires jax_enable_x64."""
+    if check("dtype", name, DTYPES) == "f64" and jax.dtypes.canonicalize_dtype(jnp.float64) != jnp.float64:
+        raise ValueError("precision 'f64' needs float64: call jax.config.update('jax_enable_x64', True) "
+                         "before making arrays (without it JAX would silently compute in float32)")
+    return _JDTYPES[name]

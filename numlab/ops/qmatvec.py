@@ -1,0 +1,141 @@
+"""Matrix-vector products with quantized weights, in the activation modes real engines use.
+
+y[..., r] = sum_c W[..., r, c] · x[..., c], W a QTensor. Batch axes of `w.data` (stacked experts) and
+of x broadcast like numpy's matmul. Modes (`act`):
+
+- f64: exact reference: the dequantized weights and x in float64, float64 dot (output float64).
+- f32 / bf16 / f16: x rounded to that dtype, the exact dequantized weights, dot with products and sums
+  in `acc` (the "dequantize, then float dot" route of CUDA engines and Hugging Face).
+- q8_k (q4_k, q5_k, q6_k weights): ggml's CPU route, read from ggml-cpu/quants.c
+  (ggml_vec_dot_q{4,5,6}_K_q8_K_generic). x is quantized per 256 to Q8_K (int8 codes, float32 d);
+  exact int32 dots of the weight's integer codes with x's codes per sub-block (32 values for
+  q4_k/q5_k, 16 for q6_k) are weighted by the integer sub-block scales; q4_k/q5_k subtract the
+  integer sum of mins · Q8_K block sums (the sums of x's codes per 32). Then per 256-block
+  fl(d_w·d_x)·isum − fl(dmin_w·d_x)·msum in `acc`, summed over blocks.
+- q8_1 (q4_k, q5_k, q6_k, q8_0 weights): llama.cpp CUDA mul_mat_vec_q, read from ggml-cuda/mmvq.cu,
+  vecdotq.cuh (vec_dot_q4_K_q8_1, _q5_K_, _q6_K_, _q8_0_q8_1) and quantize.cu (quantize_q8_1). x is
+  quantized to Q8_1 blocks of 32, each with its own fp16 scale d8. Per 32-block k of a 256-block:
+  q4_k/q5_k: d_w·sum_k d8_k·(sc_k·dot_k) − dmin_w·sum_k d8_k·(m_k·sum(x codes)_k); q6_k:
+  d_w·sum_k d8_k·(sc_2k·dot_2k + sc_2k+1·dot_2k+1) (two 16-scales per Q8_1 block); q8_0:
+  sum_k fl(d_w·d8_k)·dot_k. The Q8_1 block sum s (of the float inputs) does not enter these k-quant
+  and q8_0 dots. Differences to the GPU, all in float rounding: CUDA splits each block's float
+  sums over threads (8 values each) and a warp reduction; x's codes here come from numlab's q8_1
+  codec (ggml's quantize_row_q8_1_ref, x·(1/d)) where CUDA divides x/d — they differ only where
+  x/d lies within an ulp of a half-integer.
+- q8_0 (q8_0 weights): ggml's CPU vec_dot_q8_0_q8_0: x to Q8_0 blocks of 32, per block
+  fl(d_w·d_x)·dot in `acc`, summed over blocks.
+
+Integer dots are exact (int8 codes, int32 products and sums). Float dots run at
+precision=HIGHEST. The derivative with respect to x in every mode is that of the dequantized
+linear map (straight-through for the rounding and the activation quantization).
+"""
+import functools
+
+import jax
+import jax.numpy as jnp
+
+import numlab.formats as formats
+from numlab.formats import QTensor
+from numlab.ops.precision import ACCS, ACTS, check, jdtype
+
+_HI = jax.lax.Precision.HIGHEST
+_FLOAT_ACTS = ("f64", "f32", "bf16", "f16")
+_INT_ACTS = {
+    "q4_k": ("q8_k", "q8_1"),
+    "q5_k": ("q8_k", "q8_1"),
+    "q6_k": ("q8_k", "q8_1"),
+    "q8_0": ("q8_1", "q8_0"),
+}
+
+
+def acts_for(fmt: str) -> tuple:
+    """The activation modes qmatvec supports for weights in format `fmt`."""
+    formats.spec(fmt)
+    return _FLOAT_ACTS + _INT_ACTS.get(fmt, ())
+
+
+def qmatvec(w: QTensor, x, act: str = "f32", acc: str = "f32"):
+    """y[..., rows] = W · x[..., cols] in mode `act` with `acc` accumulation (output dtype: float64 for
+    act f64, else `acc`). Straight-through derivative with respect to x (the dequantized map)."""
+    check("act", act, ACTS)
+    check("acc", acc, ACCS)
+    if not isinstance(w, QTensor):
+        raise TypeError(f"qmatvec weights must be a numlab.formats.QTensor, got {type(w).__name__}")
+    valid = acts_for(w.fmt)
+    if act not in valid:
+        raise ValueError(f"act {act!r} does not apply to {w.fmt} weights; valid for {w.fmt}: {', '.join(valid)}")
+    x = jnp.asarray(x)
+    if x.ndim < 1 or x.shape[-1] != w.shape[1]:
+        raise ValueError(f"qmatvec: x of shape {x.shape} must end in cols={w.shape[1]} of the {w.fmt} "
+                         f"weight {w.shape}")
+    return _qmatvec(act, acc, w, x)
+
+
+def _out_dtype(act: str, acc: str):
+    return jdtype("f64" if act == "f64" else acc)
+
+
+def _linear(w: QTensor, x, dt):
+    """Dequantized W · x with products and sums in dt."""
+    return jnp.einsum("...rc,...c->...r", w.dequantize().astype(dt), x.astype(dt),
+                      precision=_HI, preferred_element_type=dt)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1))
+def _qmatvec(act, acc, w, x):
+    dt = _out_dtype(act, acc)
+    if act in _FLOAT_ACTS:
+        return _linear(w, x.astype(jdtype(act)), dt)
+    return _quantized(act, w, x, dt)
+
+
+@_qmatvec.defjvp
+def _qmatvec_jvp(act, acc, primals, tangents):
+    w, x = primals
+    y = _qmatvec(act, acc, w, x)
+    return y, _linear(w, tangents[1], y.dtype)
+
+
+def _sub_dots(wq, xq, size):
+    """Exact int32 dots of codes per sub-block of `size`: wq[..., rows, n], xq[..., n] -> [..., rows, n/size]."""
+    wq = wq.reshape(wq.shape[:-1] + (-1, size)).astype(jnp.int8)
+    xq = xq.reshape(xq.shape[:-1] + (-1, size)).astype(jnp.int8)
+    return jnp.einsum("...rsk,...sk->...rs", wq, xq, precision=_HI, preferred_element_type=jnp.int32)
+
+
+def _per_block(a, n):
+    """[..., m] -> [..., m/n, n]."""
+    return a.reshape(a.shape[:-1] + (-1, n))
+
+
+def _quantized(act, w: QTensor, x, dt):
+    """The integer-dot modes q8_k, q8_1, q8_0 (see the module docstring), float scaling in dt."""
+    xu = formats.unpack(formats.quantize(x.astype(jnp.float32), act), act)
+    xq = xu.q.reshape(xu.q.shape[:-2] + (-1,))        # [..., cols] int codes
+    dx = xu.d.astype(dt)                                # [..., cols / x block]
+    wu = formats.unpack(w.data, w.fmt)
+    wq = wu.q.reshape(wu.q.shape[:-2] + (-1,))        # [..., rows, cols]
+    dw = wu.d.astype(dt)                                # [..., rows, nb]
+    if w.fmt == "q8_0":
+        return jnp.sum(dw * dx[..., None, :] * _sub_dots(wq, xq, 32).astype(dt), axis=-1)
+    sub = 16 if w.fmt == "q6_k" else 32
+    sc = wu.scales.reshape(wu.scales.shape[:-2] + (-1,))        # [..., rows, cols / sub]
+    scaled = sc * _sub_dots(wq, xq, sub)                          # int32, exact
+    if act == "q8_k":
+        isum = jnp.sum(_per_block(scaled, 256 // sub), axis=-1)   # [..., rows, nb]
+        y = dw * dx[..., None, :] * isum.astype(dt)
+        if w.fmt != "q6_k":
+            mins = wu.mins.reshape(wu.mins.shape[:-2] + (-1,))
+            bsums = jnp.sum(_per_block(xq, 32), axis=-1)          # Q8_K block sums per 32
+            msum = jnp.sum(_per_block(mins * bsums[..., None, :], 8), axis=-1)
+            y = y - wu.dmin.astype(dt) * dx[..., None, :] * msum.astype(dt)
+        return jnp.sum(y, axis=-1)
+    if w.fmt == "q6_k":                                          # two 16-scales per Q8_1 block
+        scaled = jnp.sum(_per_block(scaled, 2), axis=-1)
+    d8 = dx[..., None, :]                                         # [..., 1, cols / 32]
+    y = dw * jnp.sum(_per_block(d8 * scaled.astype(dt), 8), axis=-1)
+    if w.fmt != "q6_k":
+        mins = wu.mins.reshape(wu.mins.shape[:-2] + (-1,))
+        xsum = jnp.sum(_per_block(xq, 32), axis=-1)
+        y = y - wu.dmin.astype(dt) * jnp.sum(_per_block(d8 * (mins * xsum[..., None, :]).astype(dt), 8), axis=-1)
+    return jnp.sum(y, axis=-1)
