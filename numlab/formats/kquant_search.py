@@ -1,0 +1,186 @@
+"""ggml's k-quant float32 arithmetic in JAX, bit for bit: rounding, ordered sums, the Q4_K/Q5_K scale search.
+
+ggml's reference quantizers (ggml-quants.c) run plain IEEE float32 code in source order with no
+fused multiply-add. XLA does two things that change those bits, and this module blocks both:
+
+* On CPU (and GPU) LLVM contracts `a*b + c` into one FMA (one rounding instead of two).
+  `mul(a, b, keep)` = `where(keep, a*b, a)`: an add then consumes a select, not a multiply, so
+  nothing can be fused; `keep` is data (`x == x`, true for every finite input) that no compiler
+  can prove constant, so the select stays. The other arm must be a runtime value: with a constant
+  arm (`where(keep, a*b, 0)`) LLVM's x86 backend folds the select into a masked FMA again (seen
+  here with AVX-512). Every product that feeds an add or subtract is a `mul`, except products
+  that are exact in float32 (an fp16 value times a small integer), where fused and unfused
+  results are the same number.
+* XLA's algebraic simplifier rewrites `a / broadcast(b)` into `a * broadcast(1 / b)` (two
+  roundings). `div` hands the divisor over as a full-shape array behind
+  `lax.optimization_barrier`, so the divide stays a correctly rounded IEEE division.
+
+Sums that ggml accumulates in a loop are spelled out element by element in the same order
+(`seq_sum`), never `jnp.sum`. Arrays here keep the summed element axis first.
+"""
+import numpy as np
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+F32 = jnp.float32
+_MAGIC = np.float32(12582912.0)  # 1.5 * 2**23: adding it leaves round-half-even(v) in the low mantissa bits
+GROUP_MAX_EPS = np.float32(1e-15)
+
+
+def mul(a: jax.Array, b: jax.Array, keep: jax.Array) -> jax.Array:
+    """float32 a*b rounded on its own: an add consuming it cannot fuse it into an FMA (`keep` all true)."""
+    return jnp.where(keep, a * b, a)
+
+
+def div(a, b) -> jax.Array:
+    """IEEE float32 `a / b` with broadcasting, kept a true division (no reciprocal-multiply rewrite)."""
+    a = jnp.asarray(a, F32)
+    b = jnp.asarray(b, F32)
+    shape = jnp.broadcast_shapes(a.shape, b.shape)
+    return a / lax.optimization_barrier(jnp.broadcast_to(b, shape))
+
+
+def nearest_int(v: jax.Array) -> jax.Array:
+    """ggml's nearest_int: int32 from the low mantissa bits of fl(v + 1.5*2**23) (round half to even).
+
+    `v` must not be a bare product (use `mul`) so that the add is not fused with it.
+    """
+    bits = lax.bitcast_convert_type(v + _MAGIC, jnp.int32)
+    return (bits & 0x7FFFFF) - 0x400000
+
+
+def seq_sum(terms: jax.Array, start=None) -> jax.Array:
+    """float32 sum over axis 0 in index order, ((start + t0) + t1) + ...; start defaults to 0.0."""
+    acc = jnp.zeros(terms.shape[1:], F32) if start is None else start
+    for i in range(terms.shape[0]):
+        acc = acc + terms[i]
+    return acc
+
+
+def seq_max(values: jax.Array) -> jax.Array:
+    """ggml's running maximum over axis 0 starting at 0: `if (v > m) m = v`."""
+    m = jnp.zeros(values.shape[1:], F32)
+    for i in range(values.shape[0]):
+        m = jnp.where(values[i] > m, values[i], m)
+    return m
+
+
+def _levels(iscale, x, xmin, keep, nmax: int) -> jax.Array:
+    """clamp(nearest_int(iscale * (x - min)), 0, nmax) as int32."""
+    return jnp.clip(nearest_int(mul(iscale, x - xmin, keep)), 0, nmax)
+
+
+def _weighted_sq_error(scale, xmin, lf, x, w, keep) -> jax.Array:
+    """sum_i w_i * (scale*l_i + min - x_i)**2 in ggml's order and roundings (float32)."""
+    diff = (mul(scale, lf, keep) + xmin) - x
+    return seq_sum(mul(w, diff * diff, keep))
+
+
+def make_qkx2_quants(x, w, keep, nmax: int, rmin: float, rdelta: float, nstep: int):
+    """ggml's make_qkx2_quants (use_mad=false) on columns x[n, ...] with weights w[n, ...].
+
+    Starts from the levels of nmax / (max - min), then tries the inverse scales
+    (rmin + rdelta*is + nmax) / (max - min) for is = 0..nstep in order, fitting scale and min by
+    weighted least squares for each and keeping a candidate when its weighted squared error is
+    strictly smaller. As in ggml, an accepted candidate's min replaces `min` for all later
+    candidates, so the candidates run in sequence (a scan); each step is vectorised over columns.
+    Returns (scale, the_min, L) with L int32 [n, ...] in 0..nmax; float32 throughout.
+    """
+    xmin = jnp.min(x, axis=0)
+    xmax = jnp.max(x, axis=0)
+    sum_w = seq_sum(w[1:], w[0])
+    sum_x = seq_sum(mul(w[1:], x[1:], keep[1:]), mul(w[0], x[0], keep[0]))
+    xmin = jnp.where(xmin > 0, F32(0), xmin)
+    flat = xmax == xmin
+    kb = keep[0]  # a per-column mask for column-level products
+    iscale0 = div(F32(nmax), xmax - xmin)
+    scale0 = div(F32(1), iscale0)
+    best0 = _weighted_sq_error(scale0, xmin, _levels(iscale0, x, xmin, keep, nmax).astype(F32), x, w, keep)
+
+    def step(carry, numer):
+        best, scale, mn, iscale_sel, min_sel = carry
+        iscale = div(numer, xmax - mn)
+        lf = _levels(iscale, x, mn, keep, nmax).astype(F32)
+        wl = mul(w, lf, keep)
+        sum_l = seq_sum(wl)
+        sum_l2 = seq_sum(mul(wl, lf, keep))
+        sum_xl = seq_sum(mul(wl, x, keep))
+        det = mul(sum_w, sum_l2, kb) - mul(sum_l, sum_l, kb)
+        this_scale = div(mul(sum_w, sum_xl, kb) - mul(sum_x, sum_l, kb), det)
+        this_min = div(mul(sum_l2, sum_x, kb) - mul(sum_l, sum_xl, kb), det)
+        clamp = this_min > 0
+        this_scale = jnp.where(clamp, div(sum_xl, sum_l2), this_scale)
+        this_min = jnp.where(clamp, F32(0), this_min)
+        cur = _weighted_sq_error(this_scale, this_min, lf, x, w, keep)
+        take = (det > 0) & (cur < best)
+        return (jnp.where(take, cur, best), jnp.where(take, this_scale, scale),
+                jnp.where(take, this_min, mn), jnp.where(take, iscale, iscale_sel),
+                jnp.where(take, mn, min_sel)), None
+
+    # Candidate numerators in ggml's float32 order: (rmin + rdelta*is) + nmax.
+    steps = np.arange(nstep + 1, dtype=np.float32)
+    numers = (np.float32(rmin) + np.float32(rdelta) * steps) + np.float32(nmax)
+    init = (best0, scale0, xmin, iscale0, xmin)
+    (_, scale, mn, iscale_sel, min_sel), _ = lax.scan(step, init, jnp.asarray(numers))
+    levels = _levels(iscale_sel, x, min_sel, keep, nmax)
+    return (jnp.where(flat, F32(0), scale), -jnp.where(flat, xmin, mn),
+            jnp.where(flat, 0, levels))
+
+
+def quantize_super_blocks(x: jax.Array, nmax: int, rmin: float, nstep: int):
+    """Q4_K/Q5_K super-block quantization of x[m, 256] float32 (quantize_row_q{4,5}_K_ref).
+
+    Returns (head uint8 [m, 16]: fp16 d, fp16 dmin, 12 bytes of packed 6-bit scales and mins;
+    L int32 [m, 256] codes in 0..nmax).
+    """
+    m = x.shape[0]
+    xs = x.reshape(m, 8, 32).transpose(2, 1, 0)  # [32, 8, m]: element axis first
+    keep = xs == xs
+    kb = keep[0]
+    av_x = jnp.sqrt(div(seq_sum(mul(xs, xs, keep)), F32(32)))
+    w = av_x + jnp.abs(xs)
+    scales, mins, levels = make_qkx2_quants(xs, w, keep, nmax, rmin, 0.1, nstep)
+
+    max_scale = seq_max(scales)
+    max_min = seq_max(mins)
+    inv_scale = jnp.where(max_scale > 0, div(F32(63), max_scale), F32(0))
+    inv_min = jnp.where(max_min > 0, div(F32(63), max_min), F32(0))
+    # ggml stores nearest_int into a uint8 (mod 256) before MIN(63, .)
+    ls = jnp.minimum(63, nearest_int(mul(inv_scale, scales, kb)) & 0xFF)
+    lm = jnp.minimum(63, nearest_int(mul(inv_min, mins, kb)) & 0xFF)
+    d16 = div(max_scale, F32(63)).astype(jnp.float16)
+    dmin16 = div(max_min, F32(63)).astype(jnp.float16)
+
+    # Re-quantize with the rounded scales. d*ls and dmin*lm are exact (fp16 times 6 bits).
+    dj = d16.astype(F32) * ls.astype(F32)
+    dmj = dmin16.astype(F32) * lm.astype(F32)
+    requant = jnp.clip(nearest_int(div(xs + dmj, dj)), 0, nmax)
+    levels = jnp.where(dj != 0, requant, levels)  # ggml skips sub-blocks whose scale is 0
+
+    packed = jnp.concatenate([
+        ls[:4] | ((ls[4:] >> 4) << 6),
+        lm[:4] | ((lm[4:] >> 4) << 6),
+        (ls[4:] & 0xF) | ((lm[4:] & 0xF) << 4),
+    ]).astype(jnp.uint8).T  # [m, 12]
+    head = jnp.concatenate([
+        lax.bitcast_convert_type(d16, jnp.uint8),
+        lax.bitcast_convert_type(dmin16, jnp.uint8),
+        packed,
+    ], axis=-1)
+    return head, levels.transpose(2, 1, 0).reshape(m, 256)
+
+
+def unpack_scales(packed: jax.Array):
+    """12 packed bytes [..., 12] -> (scales, mins) int32 [..., 8] (ggml's get_scale_min_k4)."""
+    q = packed.astype(jnp.int32)
+    lo, hi = q[..., 0:4], q[..., 4:8]
+    mix = q[..., 8:12]
+    scales = jnp.concatenate([lo & 63, (mix & 0xF) | ((lo >> 6) << 4)], axis=-1)
+    mins = jnp.concatenate([hi & 63, (mix >> 4) | ((hi >> 6) << 4)], axis=-1)
+    return scales, mins
+
+
+def non_finite_blocks(x: jax.Array) -> jax.Array:
+    """bool [...]: blocks x[..., block] holding a NaN or an infinity."""
+    return ~jnp.all(jnp.isfinite(x), axis=-1)

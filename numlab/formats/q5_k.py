@@ -1,0 +1,75 @@
+"""Q5_K: 256-value super-blocks of 8 x 32, 5-bit codes, 6-bit sub-block scales and mins, fp16 d/dmin.
+
+Layout (176 bytes, ggml's block_q5_K): fp16 d, fp16 dmin, 12 bytes of packed scales/mins, 32 bytes
+qh of high bits (bit 2c of qh[i] is value 64c+i's, bit 2c+1 value 64c+32+i's), 128 bytes of low
+nibbles arranged as in Q4_K. quantize_blocks is ggml's quantize_row_q5_K_ref (what
+ggml_quantize_chunk runs with no importance matrix) bit for bit; see kquant_search for how float32
+roundings are kept identical under jit. Blocks holding a NaN or an infinity have no defined result
+in ggml (its nearest_int asserts |v| <= 4194303 in debug builds; release builds write finite
+garbage): here such a block becomes d = dmin = fp16 NaN with zero scales and codes, so it
+dequantizes to NaN and the bad value stays visible. XLA on CPU flushes float32 subnormals to zero,
+so blocks whose values or intermediates are subnormal (|x| below about 1e-30) can differ from ggml.
+"""
+import jax
+import jax.numpy as jnp
+
+from numlab.formats import kquant_search as ks
+from numlab.formats._common import Unpacked, f16_from_bytes
+
+BLOCK_SIZE = 256
+TYPE_SIZE = 176
+GGML_TYPE = 13
+_NAN_HEAD = (0x00, 0x7E, 0x00, 0x7E)  # fp16 NaN for d and dmin
+
+
+def _check(a, last: int, what: str):
+    if a.ndim < 2 or a.shape[-1] != last:
+        raise ValueError(f"q5_k {what} must have shape [..., nb, {last}], got {a.shape}")
+
+
+def quantize_blocks(x: jax.Array) -> jax.Array:
+    """float32 [..., nb, 256] -> uint8 [..., nb, 176], ggml's quantize_row_q5_K_ref bytes."""
+    x = jnp.asarray(x)
+    _check(x, BLOCK_SIZE, "input")
+    if x.dtype != jnp.float32:
+        raise TypeError(f"q5_k quantize expects float32, got {x.dtype}")
+    flat = x.reshape(-1, BLOCK_SIZE)
+    head, levels = ks.quantize_super_blocks(flat, nmax=31, rmin=-0.5, nstep=15)
+    lv = levels.reshape(-1, 4, 2, 32)
+    low = lv & 0xF
+    qs = (low[:, :, 0] | (low[:, :, 1] << 4)).reshape(-1, 128)
+    high = (lv >> 4).reshape(-1, 8, 32)  # row 2c + h: the high bit of value 64c + 32h + i
+    qh = jnp.zeros_like(high[:, 0])
+    for bit in range(8):
+        qh = qh | (high[:, bit] << bit)
+    out = jnp.concatenate([head, qh.astype(jnp.uint8), qs.astype(jnp.uint8)], axis=-1)
+    marker = jnp.zeros(TYPE_SIZE, jnp.uint8).at[:4].set(jnp.array(_NAN_HEAD, jnp.uint8))
+    out = jnp.where(ks.non_finite_blocks(flat)[:, None], marker, out)
+    return out.reshape(x.shape[:-1] + (TYPE_SIZE,))
+
+
+def unpack_blocks(raw: jax.Array) -> Unpacked:
+    """uint8 [..., nb, 176] -> codes 0..31 [..., nb, 256], 6-bit scales/mins [..., nb, 8], d, dmin."""
+    raw = jnp.asarray(raw)
+    _check(raw, TYPE_SIZE, "data")
+    scales, mins = ks.unpack_scales(raw[..., 4:16])
+    qh = raw[..., 16:48].astype(jnp.int32)[..., None, :]                       # [..., 1, 32]
+    high = (qh >> jnp.arange(8, dtype=jnp.int32)[:, None]) & 1                  # [..., 8, 32]
+    qs = raw[..., 48:].astype(jnp.int32).reshape(raw.shape[:-1] + (4, 1, 32))
+    low = ((qs >> jnp.array([0, 4], jnp.int32)[:, None]) & 0xF).reshape(raw.shape[:-1] + (8, 32))
+    q = (low | (high << 4)).reshape(raw.shape[:-1] + (BLOCK_SIZE,))
+    return Unpacked(q=q, scales=scales, mins=mins,
+                    d=f16_from_bytes(raw[..., 0:2]), dmin=f16_from_bytes(raw[..., 2:4]))
+
+
+def dequantize_blocks(raw: jax.Array) -> jax.Array:
+    """uint8 [..., nb, 176] -> float32 [..., nb, 256]: (d*sc)*q - dmin*m as dequantize_row_q5_K.
+
+    d*sc and (d*sc)*q are exact in float32 (11 + 6 + 5 bits), so a fused multiply-subtract
+    gives the same bits as ggml's two roundings.
+    """
+    u = unpack_blocks(raw)
+    d1 = u.d[..., None] * u.scales.astype(jnp.float32)
+    m1 = u.dmin[..., None] * u.mins.astype(jnp.float32)
+    q = u.q.astype(jnp.float32).reshape(u.q.shape[:-1] + (8, 32))
+    return (d1[..., None] * q - m1[..., None]).reshape(u.q.shape)

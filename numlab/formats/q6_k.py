@@ -1,0 +1,145 @@
+"""Q6_K: 256-value super-blocks of 16 x 16, 6-bit codes, int8 sub-block scales, fp16 d.
+
+Layout (210 bytes, ggml's block_q6_K): 128 bytes ql of low nibbles, 64 bytes qh of high 2-bit
+pairs, 16 int8 scales, fp16 d. In each half h of 128 values, ql[64h + i] holds values
+128h + i (low nibble) and 128h + 64 + i (high), ql[64h + 32 + i] values 128h + 32 + i and
+128h + 96 + i, and qh[32h + i] the top two bits of values 128h + 32k + i at bits 2k.
+quantize_blocks is ggml's quantize_row_q6_K_ref (what ggml_quantize_chunk runs with no importance
+matrix) bit for bit, with make_qx_quants (rmse_type 1) for the sub-block scales; see kquant_search
+for how float32 roundings are kept identical under jit. Blocks holding a NaN or an infinity have no
+defined result in ggml (its nearest_int asserts |v| <= 4194303 in debug builds; release builds
+write finite garbage): here such a block becomes d = fp16 NaN with zero scales and codes, so it
+dequantizes to NaN and the bad value stays visible. XLA on CPU flushes float32 subnormals to zero,
+so blocks whose values or intermediates are subnormal (|x| below about 1e-12 here, since ggml
+weighs by x**3) can differ from ggml.
+"""
+import numpy as np
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from numlab.formats import kquant_search as ks
+from numlab.formats._common import Unpacked, f16_from_bytes
+
+BLOCK_SIZE = 256
+TYPE_SIZE = 210
+GGML_TYPE = 14
+F32 = jnp.float32
+_NMAX = 32
+
+
+def _check(a, last: int, what: str):
+    if a.ndim < 2 or a.shape[-1] != last:
+        raise ValueError(f"q6_k {what} must have shape [..., nb, {last}], got {a.shape}")
+
+
+def _levels(iscale, x, keep):
+    """clamp(nearest_int(iscale * x), -32, 31) as int32."""
+    return jnp.clip(ks.nearest_int(ks.mul(iscale, x, keep)), -_NMAX, _NMAX - 1)
+
+
+def _moments(lf, x, w, keep):
+    """(sum w*x*l, sum w*l*l) over axis 0 in ggml's order; w = x*x."""
+    sumlx = ks.seq_sum(ks.mul(w * x, lf, keep))
+    suml2 = ks.seq_sum(ks.mul(w * lf, lf, keep))
+    return sumlx, suml2
+
+
+def make_qx_quants(x, keep):
+    """ggml's make_qx_quants(n, nmax=32, rmse_type=1, no weights) on columns x[n, ...].
+
+    Scales -nmax/max, then -(nmax + 0.1*is)/max for is = -9..9 (is != 0) are evaluated at once;
+    the sequential choice (first candidate with sumlx^2 > best*suml2, best updated on each accept)
+    is replayed in order. Returns (scale float32 [...], L int32 [n, ...] in 0..63).
+    """
+    ax = jnp.abs(x)
+    first = jnp.argmax(ax, axis=0)[None]  # ggml keeps the first element of largest |x|
+    amax = jnp.take_along_axis(ax, first, axis=0)[0]
+    xmax = jnp.take_along_axis(x, first, axis=0)[0]
+    zero = amax < ks.GROUP_MAX_EPS
+    w = x * x
+
+    iscale0 = ks.div(F32(-_NMAX), xmax)
+    sumlx0, suml20 = _moments(_levels(iscale0, x, keep).astype(F32), x, w, keep)
+    scale = jnp.where(suml20 != 0, ks.div(sumlx0, suml20), F32(0))
+    best = scale * sumlx0
+
+    steps = np.array([i for i in range(-9, 10) if i != 0], np.float32)
+    numers = -(np.float32(_NMAX) + np.float32(0.1) * steps)
+    iscales = ks.div(jnp.asarray(numers).reshape((-1,) + (1,) * (x.ndim - 1)), xmax[None])  # [c, ...]
+    lf = _levels(iscales[None], x[:, None], keep[:, None]).astype(F32)                     # [n, c, ...]
+    sumlx, suml2 = _moments(lf, x[:, None], w[:, None], keep[:, None])
+    accept_scale = ks.div(sumlx, suml2)
+    iscale = iscale0
+    for k in range(len(steps)):
+        take = (suml2[k] > 0) & (sumlx[k] * sumlx[k] > best * suml2[k])
+        scale = jnp.where(take, accept_scale[k], scale)
+        best = jnp.where(take, accept_scale[k] * sumlx[k], best)
+        iscale = jnp.where(take, iscales[k], iscale)
+    levels = _levels(iscale, x, keep) + _NMAX
+    return jnp.where(zero, F32(0), scale), jnp.where(zero, 0, levels)
+
+
+def quantize_blocks(x: jax.Array) -> jax.Array:
+    """float32 [..., nb, 256] -> uint8 [..., nb, 210], ggml's quantize_row_q6_K_ref bytes."""
+    x = jnp.asarray(x)
+    _check(x, BLOCK_SIZE, "input")
+    if x.dtype != jnp.float32:
+        raise TypeError(f"q6_k quantize expects float32, got {x.dtype}")
+    flat = x.reshape(-1, BLOCK_SIZE)
+    m = flat.shape[0]
+    xs = flat.reshape(m, 16, 16).transpose(2, 1, 0)  # [16, 16, m]: element axis first
+    keep = xs == xs
+    scales, levels = make_qx_quants(xs, keep)           # [16, m], [16, 16, m]
+
+    first = jnp.argmax(jnp.abs(scales), axis=0)[None]   # first sub-block of largest |scale|
+    max_scale = jnp.take_along_axis(scales, first, axis=0)[0]
+    zero_block = jnp.abs(max_scale) < ks.GROUP_MAX_EPS
+    iscale = ks.div(F32(-128), max_scale)
+    d16 = ks.div(F32(1), iscale).astype(jnp.float16)
+    sc = jnp.minimum(127, ks.nearest_int(ks.mul(iscale, scales, keep[0])))
+    sc8 = lax.bitcast_convert_type((sc & 0xFF).astype(jnp.uint8), jnp.int8)  # ggml stores into int8
+
+    # Re-quantize with the rounded scales; d*sc is exact (fp16 times 8 bits).
+    dj = d16.astype(F32) * sc8.astype(F32)
+    requant = jnp.clip(ks.nearest_int(ks.div(xs, dj)), -_NMAX, _NMAX - 1) + _NMAX
+    levels = jnp.where(dj != 0, requant, levels)        # ggml skips sub-blocks whose scale is 0
+
+    lv = levels.transpose(2, 1, 0).reshape(m, 2, 4, 32)  # [m, half, quarter, i]
+    ql = jnp.concatenate([lv[:, :, 0] & 0xF | ((lv[:, :, 2] & 0xF) << 4),
+                          lv[:, :, 1] & 0xF | ((lv[:, :, 3] & 0xF) << 4)], axis=-1).reshape(m, 128)
+    qh = ((lv[:, :, 0] >> 4) | ((lv[:, :, 1] >> 4) << 2) | ((lv[:, :, 2] >> 4) << 4)
+          | ((lv[:, :, 3] >> 4) << 6)).reshape(m, 64)
+    out = jnp.concatenate([ql.astype(jnp.uint8), qh.astype(jnp.uint8),
+                           lax.bitcast_convert_type(sc8, jnp.uint8).T,
+                           lax.bitcast_convert_type(d16, jnp.uint8)], axis=-1)
+    out = jnp.where(zero_block[:, None], jnp.uint8(0), out)
+    marker = jnp.zeros(TYPE_SIZE, jnp.uint8).at[-2:].set(jnp.array([0x00, 0x7E], jnp.uint8))
+    out = jnp.where(ks.non_finite_blocks(flat)[:, None], marker, out)
+    return out.reshape(x.shape[:-1] + (TYPE_SIZE,))
+
+
+def unpack_blocks(raw: jax.Array) -> Unpacked:
+    """uint8 [..., nb, 210] -> codes -32..31 [..., nb, 256], int8 scales [..., nb, 16], d; no mins."""
+    raw = jnp.asarray(raw)
+    _check(raw, TYPE_SIZE, "data")
+    lead = raw.shape[:-1]
+    ql = raw[..., :128].astype(jnp.int32).reshape(lead + (2, 2, 32))            # [.., half, j, i]
+    qh = raw[..., 128:192].astype(jnp.int32).reshape(lead + (2, 1, 32))
+    low = (ql[..., None, :] >> jnp.array([0, 4], jnp.int32)[:, None]) & 0xF     # [.., half, j, hi, i]
+    low = jnp.swapaxes(low, -2, -3).reshape(lead + (2, 4, 32))                  # quarter = 2*hi + j
+    high = (qh >> (2 * jnp.arange(4, dtype=jnp.int32))[:, None]) & 3            # [.., half, 4, 32]
+    q = (low | (high << 4)).reshape(lead + (BLOCK_SIZE,)) - _NMAX
+    scales = lax.bitcast_convert_type(raw[..., 192:208], jnp.int8).astype(jnp.int32)
+    return Unpacked(q=q, scales=scales, mins=None, d=f16_from_bytes(raw[..., 208:210]), dmin=None)
+
+
+def dequantize_blocks(raw: jax.Array) -> jax.Array:
+    """uint8 [..., nb, 210] -> float32 [..., nb, 256]: (d*sc)*q as dequantize_row_q6_K.
+
+    Both products are exact in float32 (11 + 7 + 5 bits), so the order cannot change the bits.
+    """
+    u = unpack_blocks(raw)
+    d1 = u.d[..., None] * u.scales.astype(F32)
+    q = u.q.astype(F32).reshape(u.q.shape[:-1] + (16, 16))
+    return (d1[..., None] * q).reshape(u.q.shape)
