@@ -8,8 +8,8 @@ i.e. fl(fl(iscale*x) + 1.5*2^23). Written that way, XLA contracts the multiply-a
 jit and rounds the exact product instead. We round the float32 product with round-half-to-even
 (`lax.round(..., TO_NEAREST_EVEN)`), which equals the magic-number result for |p| < 2^22, so there is
 no add to contract and jit and eager agree with ggml. d = 1/iscale divides by iscale behind
-`lax.optimization_barrier`: XLA's simplifier would otherwise rewrite 1/(-127/max) as max/-127, and that
-in turn as max * (1/-127), neither of which is ggml's float32 result.
+`lax.optimization_barrier`: XLA's simplifier rewrites 1/(a/b) as b/a and a/c as a * (1/c), neither
+of which is ggml's float32 result (the `where` in between also stops it today; the barrier says so).
 NaN/Inf: NaNs are skipped by the max search (`ax > amax` is false); an all-zero (or all-NaN) block
 gets d = 0 and zero codes and sums (ggml leaves bsums unwritten there; we write 0). A non-finite
 product becomes code 0, as in ggml, whose bit trick yields 0 (after the int8 store) for +-Inf and for
