@@ -43,6 +43,16 @@ def _rel(a, b):
     return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
 
 
+def _ggml_err(got, ref, raw, fmt, x):
+    """max|ours - ggml| / max|ggml|, the scale floored at 1% of max_r sum_i |W_ri x_i|: under heavier
+    cancellation ggml's own float32 sums miss the exact value by more than 1e-5 of the output
+    (measured: q5_k, 1 row, output 700x below sum|W x|, ggml 1.04e-5 from exact)."""
+    wd = ggml_oracle.dequantize(raw, fmt, x.shape[-1]).astype(np.float64)
+    terms = np.max(np.abs(wd) @ np.abs(x.astype(np.float64)))
+    scale = max(float(np.max(np.abs(ref))), 1e-2 * float(terms))
+    return float(np.max(np.abs(np.asarray(got, np.float64) - ref))) / scale
+
+
 def _cos(a, b):
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     return float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
@@ -62,8 +72,8 @@ def test_q8_k_matches_ggml_vec_dot(fmt, seed, rows, nb, dist):
     ref = ggml_oracle.vec_dot(raw, fmt, x)
     got = _qmv(w, x, "q8_k")
     assert got.dtype == jnp.float32
-    err = _rel(got, ref)
-    assert err < 1e-5, f"{fmt} q8_k vs ggml vec_dot ({rows}x{cols}, {dist}): max|diff|/max|ggml| = {err:.3g}"
+    err = _ggml_err(got, ref, raw, fmt, x)
+    assert err < 1e-5, f"{fmt} q8_k vs ggml vec_dot ({rows}x{cols}, {dist}): max|diff|/max|ggml| (cancellation-floored) = {err:.3g}"
 
 
 @settings(max_examples=8)
@@ -73,7 +83,7 @@ def test_q8_0_matches_ggml_vec_dot(seed, rows, nb, dist):
     rng = np.random.default_rng(seed)
     raw, w = _ggml_weights(rng, "q8_0", rows, 32 * nb)
     x = _activations(rng, dist, 32 * nb)
-    err = _rel(_qmv(w, x, "q8_0"), ggml_oracle.vec_dot(raw, "q8_0", x))
+    err = _ggml_err(_qmv(w, x, "q8_0"), ggml_oracle.vec_dot(raw, "q8_0", x), raw, "q8_0", x)
     assert err < 1e-5, f"q8_0 q8_0 vs ggml vec_dot ({rows}x{32 * nb}, {dist}): {err:.3g}"
 
 
