@@ -12,22 +12,24 @@ of x broadcast like numpy's matmul. Modes (`act`):
   q4_k/q5_k, 16 for q6_k) are weighted by the integer sub-block scales; q4_k/q5_k subtract the
   integer sum of mins · Q8_K block sums (the sums of x's codes per 32). Then per 256-block
   fl(d_w·d_x)·isum − fl(dmin_w·d_x)·msum in `acc`, summed over blocks.
-- q8_1 (q4_k, q5_k, q6_k, q8_0 weights): llama.cpp CUDA mul_mat_vec_q, read from ggml-cuda/mmvq.cu,
-  vecdotq.cuh (vec_dot_q4_K_q8_1, _q5_K_, _q6_K_, _q8_0_q8_1) and quantize.cu (quantize_q8_1). x is
-  quantized to Q8_1 blocks of 32, each with its own fp16 scale d8. Per 32-block k of a 256-block:
-  q4_k/q5_k: d_w·sum_k d8_k·(sc_k·dot_k) − dmin_w·sum_k d8_k·(m_k·sum(x codes)_k); q6_k:
-  d_w·sum_k d8_k·(sc_2k·dot_2k + sc_2k+1·dot_2k+1) (two 16-scales per Q8_1 block); q8_0:
-  sum_k fl(d_w·d8_k)·dot_k. The Q8_1 block sum s (of the float inputs) does not enter these k-quant
-  and q8_0 dots. Differences to the GPU, all in float rounding: CUDA splits each block's float
-  sums over threads (8 values each) and a warp reduction; x's codes here come from numlab's q8_1
-  codec (ggml's quantize_row_q8_1_ref, x·(1/d)) where CUDA divides x/d — they differ only where
-  x/d lies within an ulp of a half-integer.
+- q8_1 (q4_k, q5_k, q6_k, q8_0 weights): llama.cpp CUDA mul_mat_vec_q (the few-token kernel), read
+  from ggml-cuda/mmvq.cu, vecdotq.cuh (vec_dot_q4_K_q8_1, _q5_K_, _q6_K_, _q8_0_q8_1) and
+  quantize.cu (quantize_q8_1). x is quantized to Q8_1 blocks of 32, each with its own fp16 scale
+  d8. Per 32-block k of a 256-block: q4_k/q5_k: d_w·sum_k d8_k·(sc_k·dot_k) −
+  dmin_w·sum_k d8_k·(m_k·sum(x codes)_k); q6_k: d_w·sum_k d8_k·(sc_2k·dot_2k + sc_2k+1·dot_2k+1)
+  (two 16-scales per Q8_1 block); q8_0: sum_k fl(d_w·d8_k)·dot_k. The Q8_1 block sum s (of the
+  float inputs) does not enter these dots (the batched mul_mat_q kernel uses it for the min term
+  instead). Differences to the GPU, all in float rounding: CUDA splits each block's float sums
+  over threads (8 values each) and a warp reduction; x's codes here come from numlab's q8_1 codec
+  (ggml's quantize_row_q8_1_ref, x·(1/d)) where CUDA divides x/d — they differ only where x/d
+  lies within an ulp of a half-integer.
 - q8_0 (q8_0 weights): ggml's CPU vec_dot_q8_0_q8_0: x to Q8_0 blocks of 32, per block
   fl(d_w·d_x)·dot in `acc`, summed over blocks.
 
-Integer dots are exact (int8 codes, int32 products and sums). Float dots run at
-precision=HIGHEST. The derivative with respect to x in every mode is that of the dequantized
-linear map (straight-through for the rounding and the activation quantization).
+In the q8 modes x is rounded to float32 first (engines hold float32 activations). Integer dots are
+exact (int8 codes, int32 products and sums); float dots run at precision=HIGHEST. The derivative
+with respect to x in every mode is that of the dequantized linear map (straight-through for the
+rounding and the activation quantization).
 """
 import functools
 
@@ -63,7 +65,8 @@ def qmatvec(w: QTensor, x, act: str = "f32", acc: str = "f32"):
         raise TypeError(f"qmatvec weights must be a numlab.formats.QTensor, got {type(w).__name__}")
     valid = acts_for(w.fmt)
     if act not in valid:
-        raise ValueError(f"act {act!r} does not apply to {w.fmt} weights; valid for {w.fmt}: {', '.join(valid)}")
+        raise ValueError(f"act {act!r} does not apply to {w.fmt} weights; "
+                         f"valid for {w.fmt}: {', '.join(valid)}")
     x = jnp.asarray(x)
     if x.ndim < 1 or x.shape[-1] != w.shape[1]:
         raise ValueError(f"qmatvec: x of shape {x.shape} must end in cols={w.shape[1]} of the {w.fmt} "
@@ -97,7 +100,7 @@ def _qmatvec_jvp(act, acc, primals, tangents):
 
 
 def _sub_dots(wq, xq, size):
-    """Exact int32 dots of codes per sub-block of `size`: wq[..., rows, n], xq[..., n] -> [..., rows, n/size]."""
+    """Exact int32 dots of codes per sub-block: wq[..., rows, n], xq[..., n] -> [..., rows, n / size]."""
     wq = wq.reshape(wq.shape[:-1] + (-1, size)).astype(jnp.int8)
     xq = xq.reshape(xq.shape[:-1] + (-1, size)).astype(jnp.int8)
     return jnp.einsum("...rsk,...sk->...rs", wq, xq, precision=_HI, preferred_element_type=jnp.int32)
@@ -108,34 +111,33 @@ def _per_block(a, n):
     return a.reshape(a.shape[:-1] + (-1, n))
 
 
+def _flat(a):
+    """[..., nb, k] -> [..., nb * k]."""
+    return a.reshape(a.shape[:-2] + (-1,))
+
+
 def _quantized(act, w: QTensor, x, dt):
-    """The integer-dot modes q8_k, q8_1, q8_0 (see the module docstring), float scaling in dt."""
+    """The integer-dot modes q8_k, q8_1, q8_0 (see the module docstring); x is rounded to float32 and
+    quantized by numlab's codec for `act`; float scaling and the sum over blocks in dt."""
     xu = formats.unpack(formats.quantize(x.astype(jnp.float32), act), act)
-    xq = xu.q.reshape(xu.q.shape[:-2] + (-1,))        # [..., cols] int codes
-    dx = xu.d.astype(dt)                                # [..., cols / x block]
+    xq, dx = _flat(xu.q), xu.d.astype(dt)[..., None, :]         # [..., cols], [..., 1, x blocks]
     wu = formats.unpack(w.data, w.fmt)
-    wq = wu.q.reshape(wu.q.shape[:-2] + (-1,))        # [..., rows, cols]
-    dw = wu.d.astype(dt)                                # [..., rows, nb]
+    wq, dw = _flat(wu.q), wu.d.astype(dt)                       # [..., rows, cols], [..., rows, nb]
     if w.fmt == "q8_0":
-        return jnp.sum(dw * dx[..., None, :] * _sub_dots(wq, xq, 32).astype(dt), axis=-1)
+        return jnp.sum(dw * dx * _sub_dots(wq, xq, 32).astype(dt), axis=-1)
     sub = 16 if w.fmt == "q6_k" else 32
-    sc = wu.scales.reshape(wu.scales.shape[:-2] + (-1,))        # [..., rows, cols / sub]
-    scaled = sc * _sub_dots(wq, xq, sub)                          # int32, exact
-    if act == "q8_k":
-        isum = jnp.sum(_per_block(scaled, 256 // sub), axis=-1)   # [..., rows, nb]
-        y = dw * dx[..., None, :] * isum.astype(dt)
-        if w.fmt != "q6_k":
-            mins = wu.mins.reshape(wu.mins.shape[:-2] + (-1,))
-            bsums = jnp.sum(_per_block(xq, 32), axis=-1)          # Q8_K block sums per 32
-            msum = jnp.sum(_per_block(mins * bsums[..., None, :], 8), axis=-1)
-            y = y - wu.dmin.astype(dt) * dx[..., None, :] * msum.astype(dt)
-        return jnp.sum(y, axis=-1)
-    if w.fmt == "q6_k":                                          # two 16-scales per Q8_1 block
-        scaled = jnp.sum(_per_block(scaled, 2), axis=-1)
-    d8 = dx[..., None, :]                                         # [..., 1, cols / 32]
-    y = dw * jnp.sum(_per_block(d8 * scaled.astype(dt), 8), axis=-1)
-    if w.fmt != "q6_k":
-        mins = wu.mins.reshape(wu.mins.shape[:-2] + (-1,))
-        xsum = jnp.sum(_per_block(xq, 32), axis=-1)
-        y = y - wu.dmin.astype(dt) * jnp.sum(_per_block(d8 * (mins * xsum[..., None, :]).astype(dt), 8), axis=-1)
+    scaled = _flat(wu.scales) * _sub_dots(wq, xq, sub)          # int32 [..., rows, cols / sub], exact
+    if w.fmt == "q6_k":
+        scaled = jnp.sum(_per_block(scaled, 32 // sub), axis=-1)  # per 32: two 16-scales
+        mins = None
+    else:                                                        # mins · (sum of x codes) per 32
+        mins = _flat(wu.mins) * jnp.sum(_per_block(xq, 32), axis=-1)[..., None, :]
+    if act == "q8_k":                                            # integer sums per 256, then scale
+        y = dw * dx * jnp.sum(_per_block(scaled, 8), axis=-1).astype(dt)
+        if mins is not None:
+            y = y - wu.dmin.astype(dt) * dx * jnp.sum(_per_block(mins, 8), axis=-1).astype(dt)
+    else:                                                        # q8_1: d8 per 32 inside the block
+        y = dw * jnp.sum(_per_block(dx * scaled.astype(dt), 8), axis=-1)
+        if mins is not None:
+            y = y - wu.dmin.astype(dt) * jnp.sum(_per_block(dx * mins.astype(dt), 8), axis=-1)
     return jnp.sum(y, axis=-1)
