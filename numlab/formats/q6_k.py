@@ -33,6 +33,20 @@ def _check(a, last: int, what: str):
         raise ValueError(f"q6_k {what} must have shape [..., nb, {last}], got {a.shape}")
 
 
+def _first_absmax(v):
+    """ggml's running `if (|v_i| > amax) {amax = |v_i|; max = v_i}` from 0 over axis 0: (amax, max).
+
+    The first element of largest magnitude wins; a NaN never does.
+    """
+    amax = jnp.zeros_like(v[0])
+    vmax = jnp.zeros_like(v[0])
+    for vi in v:
+        take = jnp.abs(vi) > amax
+        amax = jnp.where(take, jnp.abs(vi), amax)
+        vmax = jnp.where(take, vi, vmax)
+    return amax, vmax
+
+
 def _levels(iscale, x, keep):
     """clamp(nearest_int(iscale * x), -32, 31) as int32."""
     return jnp.clip(ks.nearest_int(ks.mul(iscale, x, keep)), -_NMAX, _NMAX - 1)
@@ -48,14 +62,11 @@ def _moments(lf, x, w, keep):
 def make_qx_quants(x, keep):
     """ggml's make_qx_quants(n, nmax=32, rmse_type=1, no weights) on columns x[n, ...].
 
-    Scales -nmax/max, then -(nmax + 0.1*is)/max for is = -9..9 (is != 0) are evaluated at once;
-    the sequential choice (first candidate with sumlx^2 > best*suml2, best updated on each accept)
-    is replayed in order. Returns (scale float32 [...], L int32 [n, ...] in 0..63).
+    The inverse scales -nmax/max and -(nmax + 0.1*is)/max for is = -9..9 (is != 0) are evaluated
+    at once; ggml's sequential choice (accept when sumlx^2 > best*suml2, best updated on each
+    accept) is replayed in order by a scan. Returns (scale float32 [...], L int32 [n, ...] in 0..63).
     """
-    ax = jnp.abs(x)
-    first = jnp.argmax(ax, axis=0)[None]  # ggml keeps the first element of largest |x|
-    amax = jnp.take_along_axis(ax, first, axis=0)[0]
-    xmax = jnp.take_along_axis(x, first, axis=0)[0]
+    amax, xmax = _first_absmax(x)
     zero = amax < ks.GROUP_MAX_EPS
     w = x * x
 
@@ -70,12 +81,16 @@ def make_qx_quants(x, keep):
     lf = _levels(iscales[None], x[:, None], keep[:, None]).astype(F32)                     # [n, c, ...]
     sumlx, suml2 = _moments(lf, x[:, None], w[:, None], keep[:, None])
     accept_scale = ks.div(sumlx, suml2)
-    iscale = iscale0
-    for k in range(len(steps)):
-        take = (suml2[k] > 0) & (sumlx[k] * sumlx[k] > best * suml2[k])
-        scale = jnp.where(take, accept_scale[k], scale)
-        best = jnp.where(take, accept_scale[k] * sumlx[k], best)
-        iscale = jnp.where(take, iscales[k], iscale)
+
+    def accept(carry, cand):
+        scale, best, iscale = carry
+        c_sumlx, c_suml2, c_scale, c_iscale = cand
+        take = (c_suml2 > 0) & (c_sumlx * c_sumlx > best * c_suml2)
+        return (jnp.where(take, c_scale, scale), jnp.where(take, c_scale * c_sumlx, best),
+                jnp.where(take, c_iscale, iscale)), None
+
+    # The scan also materialises the choice, so XLA does not recompute it for every element.
+    (scale, _, iscale), _ = lax.scan(accept, (scale, best, iscale0), (sumlx, suml2, accept_scale, iscales))
     levels = _levels(iscale, x, keep) + _NMAX
     return jnp.where(zero, F32(0), scale), jnp.where(zero, 0, levels)
 
@@ -92,9 +107,8 @@ def quantize_blocks(x: jax.Array) -> jax.Array:
     keep = xs == xs
     scales, levels = make_qx_quants(xs, keep)           # [16, m], [16, 16, m]
 
-    first = jnp.argmax(jnp.abs(scales), axis=0)[None]   # first sub-block of largest |scale|
-    max_scale = jnp.take_along_axis(scales, first, axis=0)[0]
-    zero_block = jnp.abs(max_scale) < ks.GROUP_MAX_EPS
+    max_abs, max_scale = _first_absmax(scales)
+    zero_block = max_abs < ks.GROUP_MAX_EPS
     iscale = ks.div(F32(-128), max_scale)
     d16 = ks.div(F32(1), iscale).astype(jnp.float16)
     sc = jnp.minimum(127, ks.nearest_int(ks.mul(iscale, scales, keep[0])))
