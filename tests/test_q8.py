@@ -1,7 +1,11 @@
 """Q8_0, Q8_1 and Q8_K codecs: ggml's bytes on every input family, jit and eager; dequantization."""
+import ctypes
 import functools
+import glob
+import os
 
 import chex
+import ggml
 import ggml_oracle
 import gguf
 import hypothesis.extra.numpy as hnp
@@ -52,6 +56,17 @@ def family(name: str, rows: int = 8, n: int = 1024, seed: int = 0) -> np.ndarray
         x = rng.integers(-253, 254, (rows, n)) / 2
         x[:, ::32] = -127
     return x.astype(np.float32)
+
+
+def ggml_dequantize_q8_k(raw: np.ndarray, n: int) -> np.ndarray:
+    """ggml's dequantize_row_q8_K (exported by libggml-base, not listed as Q8_K's to_float)."""
+    lib_dir = os.path.join(os.path.dirname(ggml.__file__), "lib")
+    lib = ctypes.CDLL(glob.glob(os.path.join(lib_dir, "libggml-base.*"))[0])
+    raw = np.ascontiguousarray(raw)
+    out = np.zeros(raw.shape[:-1] + (n,), np.float32)
+    lib.dequantize_row_q8_K(ctypes.c_void_p(raw.ctypes.data), ctypes.c_void_p(out.ctypes.data),
+                            ctypes.c_int64(out.size))
+    return out
 
 
 def parse(raw: np.ndarray, fmt: str) -> np.ndarray:
@@ -145,6 +160,11 @@ class DequantizeTest(parameterized.TestCase):
         got = np.asarray(formats.dequantize(raw, "q8_0"))
         np.testing.assert_array_equal(got, ggml_oracle.dequantize(raw, "q8_0", 1024))
         np.testing.assert_array_equal(got, gguf.quants.dequantize(raw, gguf.GGMLQuantizationType.Q8_0))
+
+    @parameterized.parameters(*FAMILIES)
+    def test_q8_k_equals_ggml_dequantize_row(self, name):
+        raw = ggml_oracle.quantize(family(name), "q8_k")
+        np.testing.assert_array_equal(np.asarray(formats.dequantize(raw, "q8_k")), ggml_dequantize_q8_k(raw, 1024))
 
     @parameterized.product(fmt=Q8, name=FAMILIES)
     def test_equals_struct_parse(self, fmt, name):

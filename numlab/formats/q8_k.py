@@ -33,10 +33,13 @@ _SUB = 16
 
 def quantize_blocks(x: jax.Array) -> jax.Array:
     """float32 [..., nb, 256] -> uint8 [..., nb, 292]: f32 d, 256 int8 codes, 16 int16 bsums."""
-    ax = jnp.where(jnp.isnan(x), 0.0, jnp.abs(x))
-    first = jnp.argmax(ax, axis=-1)
-    mx = jnp.take_along_axis(x, first[..., None], axis=-1)
-    zero = jnp.take_along_axis(ax, first[..., None], axis=-1) == 0
+    amax = jnp.max(jnp.where(jnp.isnan(x), 0.0, jnp.abs(x)), axis=-1, keepdims=True)
+    # max is +amax or -amax, whichever comes first (two min-reductions; XLA's argmax is slow on CPU).
+    pos = jnp.arange(BLOCK_SIZE)
+    first_pos = jnp.min(jnp.where(x == amax, pos, BLOCK_SIZE), axis=-1, keepdims=True)
+    first_neg = jnp.min(jnp.where(x == -amax, pos, BLOCK_SIZE), axis=-1, keepdims=True)
+    mx = jnp.where(first_pos < first_neg, amax, -amax)
+    zero = amax == 0
     iscale = jnp.where(zero, jnp.float32(0), jnp.float32(-127) / jnp.where(zero, 1, mx))
     p = iscale * x
     v = jnp.where(jnp.isfinite(p), lax.round(p, lax.RoundingMethod.TO_NEAREST_EVEN), 0)

@@ -1,0 +1,1 @@
+"""Benchmarks behind `scripts/bench.py <subcommand>`: one module per subcommand, each with `run(...) -> dict`."""

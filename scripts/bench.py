@@ -1,0 +1,49 @@
+"""Benchmarks: `python scripts/bench.py codecs [--rows R --cols C --repeats K --out PATH]`.
+
+Each subcommand is a function here running a module of numlab/bench and writing its JSON.
+"""
+import jax
+from absl import app, flags, logging
+from tqdm import tqdm
+
+import numlab.formats as formats
+from numlab.bench import codecs
+from numlab.io import atomic_write_json
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("out", None, "JSON output path (default results/bench/<subcommand>.json)")
+flags.DEFINE_integer("repeats", 5, "timed repeats per measurement (median reported), after one warm-up")
+flags.DEFINE_integer("seed", 0, "seed of the synthetic input")
+flags.DEFINE_integer("rows", None, "codecs: rows of the input matrix (default 512 on CPU, 8192 on accelerators)")
+flags.DEFINE_integer("cols", 4096, "codecs: columns of the input matrix (a multiple of 256)")
+flags.DEFINE_list("formats", list(formats.QUANT_FORMATS), "codecs: formats to measure")
+
+
+def bench_codecs() -> dict:
+    rows = FLAGS.rows or (512 if jax.default_backend() == "cpu" else 8192)
+    if rows <= 0 or FLAGS.cols <= 0 or FLAGS.cols % 256:
+        raise app.UsageError(f"--rows {rows} and --cols {FLAGS.cols} must be positive, cols a multiple of 256")
+    bad = [f for f in FLAGS.formats if f not in formats.QUANT_FORMATS]
+    if bad:
+        raise app.UsageError(f"--formats: unknown {bad}; valid: {', '.join(formats.QUANT_FORMATS)}")
+    return codecs.run(rows, FLAGS.cols, FLAGS.formats, FLAGS.repeats, FLAGS.seed,
+                      progress=lambda it: tqdm(it, desc="codecs", unit="format"))
+
+
+COMMANDS = {"codecs": bench_codecs}
+
+
+def main(argv):
+    if len(argv) != 2 or argv[1] not in COMMANDS:
+        raise app.UsageError(f"expected one subcommand out of {', '.join(COMMANDS)}; got {argv[1:]}")
+    if FLAGS.repeats < 1:
+        raise app.UsageError(f"--repeats {FLAGS.repeats} must be >= 1")
+    result = COMMANDS[argv[1]]()
+    out = FLAGS.out or f"results/bench/{argv[1]}.json"
+    atomic_write_json(out, result)
+    logging.info("wrote %s", out)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    app.run(main)
