@@ -110,6 +110,15 @@ class ByteEqualityTest(chex.TestCase):
         d, _ = self.variant(q8_0.scale_and_codes)(x)
         np.testing.assert_array_equal(np.asarray(d), np.abs(x).max(-1) / np.float32(127))
 
+    @chex.variants(with_jit=True, without_jit=True)
+    @parameterized.product(fmt=Q8, first_sign=(1, -1))
+    def test_sign_tie_first_max_wins(self, fmt, first_sign):
+        """+m and -m both in a block: q8_k's iscale = -127/max takes the sign of the first."""
+        x = family("normal", rows=1, n=256)
+        x[0, 5], x[0, 9] = 7.0 * first_sign, -7.0 * first_sign
+        got = np.asarray(self.variant(functools.partial(formats.quantize, fmt=fmt))(x))
+        np.testing.assert_array_equal(got, ggml_oracle.quantize(x, fmt))
+
     @parameterized.parameters(*Q8)
     def test_inf_block_codes(self, fmt):
         """The documented outcome: an Inf in a block zeroes its codes and makes its scale infinite."""

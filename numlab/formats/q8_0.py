@@ -4,7 +4,8 @@ Floats: the codes come from one float32 product x * (1/d) rounded half away from
 with no multiply-add anywhere, so XLA's multiply-add contraction under jit has nothing to contract.
 XLA's algebraic simplifier rewrites `A / broadcast(c)` as `A * (1/c)`, which is not the correctly
 rounded quotient (about 4.5% of amax/127 differ in the last bit); d is therefore divided by an array of
-127s behind `lax.optimization_barrier`, which keeps a true division, eager and under jit.
+127s behind `lax.optimization_barrier`, which keeps a true division, eager and under jit; 1/d takes d
+through a second barrier, else the simplifier turns 1/(amax/127) into 127/amax.
 NaN/Inf follow ggml's C on x86: `amax = MAX(amax, |x|)` with `MAX(a, b) = a > b ? a : b` lets a NaN
 reset the running maximum (see `ggml_amax`); a non-finite x/d becomes code 0 (x86 converts it to
 0x80000000, whose low byte is 0); an Inf in the block gives d = Inf and all codes 0.
