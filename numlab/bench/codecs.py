@@ -101,6 +101,45 @@ def host_agrees(fmt: str, x: np.ndarray, raw: np.ndarray, deq: np.ndarray) -> tu
     return bool(same_bytes), bool(same_floats)
 
 
+def _ours(fmt: str, x_dev, n_weights: int, bw: float, repeats: int):
+    """Timings of our jitted codecs on x_dev's device; returns (entry, bytes, dequantized floats)."""
+    quant = jax.jit(formats.quantize, static_argnums=1)
+    dequant = jax.jit(formats.dequantize, static_argnums=1)
+    moved = n_weights * (4 + formats.spec(fmt).type_size / formats.spec(fmt).block_size)
+    q_s = median_seconds(lambda: quant(x_dev, fmt).block_until_ready(), repeats)
+    raw_dev = quant(x_dev, fmt)
+    d_s = median_seconds(lambda: dequant(raw_dev, fmt).block_until_ready(), repeats)
+    entry = {
+        "bits_per_weight": 8 * formats.spec(fmt).type_size / formats.spec(fmt).block_size,
+        "quantize": _side_by_side(n_weights / q_s, moved / q_s / bw),
+        "dequantize": _side_by_side(n_weights / d_s, moved / d_s / bw),
+        "bytes_equal_ggml": None, "dequantize_equal_ggml": None,
+        "gpu_bytes_equal_cpu": None, "gpu_dequantize_equal_cpu": None,
+    }
+    return entry, np.asarray(raw_dev), np.asarray(dequant(raw_dev, fmt))
+
+
+def _add_ggml(entry: dict, gg: _Ggml, fmt: str, x: np.ndarray, raw: np.ndarray, deq: np.ndarray, repeats: int):
+    """ggml's timings beside ours, and whether its bytes and floats equal ours."""
+    n_weights = x.size
+    out, c_quant = gg.quantizer(fmt, x)
+    entry["quantize"].update(_ggml_side(n_weights, median_seconds(c_quant, repeats), entry["quantize"]))
+    entry["bytes_equal_ggml"] = bool(np.array_equal(out, raw))
+    c_out, c_dequant = gg.dequantizer(fmt, raw, x.shape[-1])
+    if c_dequant is not None:
+        entry["dequantize"].update(_ggml_side(n_weights, median_seconds(c_dequant, repeats), entry["dequantize"]))
+        entry["dequantize_equal_ggml"] = bool(np.array_equal(c_out.view(np.uint32), deq.view(np.uint32)))
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+    except OSError:
+        names = []
+    return names[0] if names else platform.processor() or platform.machine()
+
+
 def run(rows: int, cols: int, fmts=formats.QUANT_FORMATS, repeats: int = 5, seed: int = 0,
         host_rows: int = 1024, progress=None) -> dict:
     """Throughput of quantize and dequantize per format on a standard-normal [rows, cols] matrix.
@@ -108,43 +147,19 @@ def run(rows: int, cols: int, fmts=formats.QUANT_FORMATS, repeats: int = 5, seed
     On an accelerator, the first host_rows rows are also coded on the host CPU backend and compared.
     """
     x = np.random.default_rng(seed).standard_normal((rows, cols)).astype(np.float32)
-    n_weights = rows * cols
     dev = jax.devices()[0]
     gg = _Ggml() if ggml is not None else None
-    bw = copy_bandwidth(max(4 * n_weights, 1 << 28), repeats)
+    bw = copy_bandwidth(max(4 * x.size, 1 << 28), repeats)
     logging.info("copy bandwidth %.3g GB/s on %s", bw / 1e9, dev.device_kind)
-    quant = jax.jit(formats.quantize, static_argnums=1)
-    dequant = jax.jit(formats.dequantize, static_argnums=1)
     x_dev = jax.device_put(x, dev)
     results = {}
     for fmt in (progress(fmts) if progress else fmts):
-        bpw = 8 * formats.spec(fmt).type_size / formats.spec(fmt).block_size
-        q_s = median_seconds(lambda: quant(x_dev, fmt).block_until_ready(), repeats)
-        raw_dev = quant(x_dev, fmt)
-        ours = np.asarray(raw_dev)
-        d_s = median_seconds(lambda: dequant(raw_dev, fmt).block_until_ready(), repeats)
-        deq = np.asarray(dequant(raw_dev, fmt))
-        entry = {
-            "bits_per_weight": bpw,
-            "quantize": _side_by_side(n_weights / q_s, n_weights * (4 + bpw / 8) / q_s / bw),
-            "dequantize": _side_by_side(n_weights / d_s, n_weights * (4 + bpw / 8) / d_s / bw),
-            "bytes_equal_ggml": None,
-            "dequantize_equal_ggml": None,
-            "gpu_bytes_equal_cpu": None,
-            "gpu_dequantize_equal_cpu": None,
-        }
+        entry, raw, deq = _ours(fmt, x_dev, x.size, bw, repeats)
         if dev.platform != "cpu":
             entry["gpu_bytes_equal_cpu"], entry["gpu_dequantize_equal_cpu"] = host_agrees(
-                fmt, x[:host_rows], ours[:host_rows], deq[:host_rows])
+                fmt, x[:host_rows], raw[:host_rows], deq[:host_rows])
         if gg is not None:
-            out, c_quant = gg.quantizer(fmt, x)
-            entry["quantize"].update(_ggml_side(n_weights, median_seconds(c_quant, repeats), entry["quantize"]))
-            entry["bytes_equal_ggml"] = bool(np.array_equal(out, ours))
-            c_out, c_dequant = gg.dequantizer(fmt, ours, cols)
-            if c_dequant is not None:
-                entry["dequantize"].update(
-                    _ggml_side(n_weights, median_seconds(c_dequant, repeats), entry["dequantize"]))
-                entry["dequantize_equal_ggml"] = bool(np.array_equal(c_out.view(np.uint32), deq.view(np.uint32)))
+            _add_ggml(entry, gg, fmt, x, raw, deq, repeats)
         logging.info("%s: %s", fmt, entry)
         results[fmt] = entry
     return {
@@ -152,18 +167,19 @@ def run(rows: int, cols: int, fmts=formats.QUANT_FORMATS, repeats: int = 5, seed
         "platform": dev.platform,
         "jax_version": jax.__version__,
         "ggml": "ggml-python " + getattr(ggml, "__version__", "?") if ggml is not None else "absent",
-        "host": platform.processor() or platform.machine(),
+        "host_cpu": _cpu_model(),
         "cpu_count": os.cpu_count(),
-        "shape": [rows, cols],
-        "weights": n_weights,
-        "repeats": repeats,
         "load_average_1min": os.getloadavg()[0],
+        "shape": [rows, cols],
+        "weights": int(x.size),
+        "repeats": repeats,
         "gpu_check_rows": min(rows, host_rows) if dev.platform != "cpu" else 0,
         "copy_bandwidth_bytes_per_s": bw,
-        "notes": ("weights/s are medians after a warm-up; ours jitted on the default device; ggml's C "
-                  "single-threaded, one call per buffer into a reused buffer (ours allocates its output); copy "
-                  "bandwidth: a donated in-place pass over >= 256 MiB; fraction_of_copy_bandwidth = (4 bytes of f32 + "
-                  "the format's bytes) per weight * weights/s / copy bandwidth; ours_over_ggml > 1: ours faster"),
+        "notes": ("weights/s are medians after a warm-up; ours jitted on the default device, allocating "
+                  "its output; ggml's C single-threaded, one call per buffer into a reused buffer; copy "
+                  "bandwidth: a donated in-place float32 pass over >= 256 MiB; "
+                  "fraction_of_copy_bandwidth = (4 bytes of float32 + the format's bytes) per weight * "
+                  "weights/s / copy bandwidth; ours_over_ggml > 1: ours faster"),
         "formats": results,
     }
 
