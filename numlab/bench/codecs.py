@@ -1,7 +1,7 @@
 """Codec throughput: numlab's jitted quantize/dequantize against ggml's C in the same process.
 
-Weights per second are medians over repeats after a warm-up call, synchronised with
-block_until_ready. ggml runs single-threaded through ctypes (ggml-python, a test extra: reported as
+Weights per second are medians (and bests) over repeated calls after a warm-up call, synchronised
+with block_until_ready. ggml runs single-threaded through ctypes (ggml-python, a test extra: reported as
 absent when it does not import). The device's copy bandwidth (bytes read + written by a large
 elementwise pass) is measured in the same process; ours is also given as a fraction of it.
 """
@@ -27,15 +27,16 @@ except ImportError:  # ggml-python is a test extra
 _GGML_NAMES = {"q4_k": "Q4_K", "q5_k": "Q5_K", "q6_k": "Q6_K", "q8_k": "Q8_K", "q8_0": "Q8_0", "q8_1": "Q8_1"}
 
 
-def median_seconds(fn, repeats: int) -> float:
-    """Median wall time of fn() over `repeats` calls, after one warm-up call."""
+def timings(fn, repeats: int, min_total_s: float = 1.0, max_calls: int = 500) -> dict:
+    """Median and best wall time of fn() after one warm-up call: at least `repeats` timed calls, more
+    (up to max_calls) until min_total_s has been timed, so that fast calls are not left to noise."""
     fn()
     times = []
-    for _ in range(repeats):
+    while len(times) < repeats or (sum(times) < min_total_s and len(times) < max_calls):
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return {"median_s": statistics.median(times), "best_s": min(times), "calls": len(times)}
 
 
 def copy_bandwidth(nbytes: int, repeats: int) -> float:
@@ -49,7 +50,7 @@ def copy_bandwidth(nbytes: int, repeats: int) -> float:
     def once():
         buf[0] = step(buf[0]).block_until_ready()
 
-    return 2 * nbytes / median_seconds(once, repeats)
+    return 2 * nbytes / timings(once, repeats)["median_s"]
 
 
 class _Ggml:
@@ -106,13 +107,13 @@ def _ours(fmt: str, x_dev, n_weights: int, bw: float, repeats: int):
     quant = jax.jit(formats.quantize, static_argnums=1)
     dequant = jax.jit(formats.dequantize, static_argnums=1)
     moved = n_weights * (4 + formats.spec(fmt).type_size / formats.spec(fmt).block_size)
-    q_s = median_seconds(lambda: quant(x_dev, fmt).block_until_ready(), repeats)
+    q_t = timings(lambda: quant(x_dev, fmt).block_until_ready(), repeats)
     raw_dev = quant(x_dev, fmt)
-    d_s = median_seconds(lambda: dequant(raw_dev, fmt).block_until_ready(), repeats)
+    d_t = timings(lambda: dequant(raw_dev, fmt).block_until_ready(), repeats)
     entry = {
         "bits_per_weight": 8 * formats.spec(fmt).type_size / formats.spec(fmt).block_size,
-        "quantize": _side_by_side(n_weights / q_s, moved / q_s / bw),
-        "dequantize": _side_by_side(n_weights / d_s, moved / d_s / bw),
+        "quantize": _side_by_side(n_weights, moved, q_t, bw),
+        "dequantize": _side_by_side(n_weights, moved, d_t, bw),
         "bytes_equal_ggml": None, "dequantize_equal_ggml": None,
         "gpu_bytes_equal_cpu": None, "gpu_dequantize_equal_cpu": None,
     }
@@ -123,11 +124,11 @@ def _add_ggml(entry: dict, gg: _Ggml, fmt: str, x: np.ndarray, raw: np.ndarray, 
     """ggml's timings beside ours, and whether its bytes and floats equal ours."""
     n_weights = x.size
     out, c_quant = gg.quantizer(fmt, x)
-    entry["quantize"].update(_ggml_side(n_weights, median_seconds(c_quant, repeats), entry["quantize"]))
+    entry["quantize"].update(_ggml_side(n_weights, timings(c_quant, repeats), entry["quantize"]))
     entry["bytes_equal_ggml"] = bool(np.array_equal(out, raw))
     c_out, c_dequant = gg.dequantizer(fmt, raw, x.shape[-1])
     if c_dequant is not None:
-        entry["dequantize"].update(_ggml_side(n_weights, median_seconds(c_dequant, repeats), entry["dequantize"]))
+        entry["dequantize"].update(_ggml_side(n_weights, timings(c_dequant, repeats), entry["dequantize"]))
         entry["dequantize_equal_ggml"] = bool(np.array_equal(c_out.view(np.uint32), deq.view(np.uint32)))
 
 
@@ -175,7 +176,8 @@ def run(rows: int, cols: int, fmts=formats.QUANT_FORMATS, repeats: int = 5, seed
         "repeats": repeats,
         "gpu_check_rows": min(rows, host_rows) if dev.platform != "cpu" else 0,
         "copy_bandwidth_bytes_per_s": bw,
-        "notes": ("weights/s are medians after a warm-up; ours jitted on the default device, allocating "
+        "notes": ("weights/s are medians (and bests) of >= `repeats` calls timing >= 1 s in all, after a "
+                  "warm-up; ours jitted on the default device, allocating "
                   "its output; ggml's C single-threaded, one call per buffer into a reused buffer; copy "
                   "bandwidth: a donated in-place float32 pass over >= 256 MiB; "
                   "fraction_of_copy_bandwidth = (4 bytes of float32 + the format's bytes) per weight * "
@@ -184,11 +186,15 @@ def run(rows: int, cols: int, fmts=formats.QUANT_FORMATS, repeats: int = 5, seed
     }
 
 
-def _side_by_side(ours_wps: float, frac_bw: float) -> dict:
-    return {"ours_weights_per_s": ours_wps, "ours_fraction_of_copy_bandwidth": frac_bw,
-            "ggml_weights_per_s": None, "ours_over_ggml": None}
+def _side_by_side(n_weights: int, moved_bytes: float, t: dict, bw: float) -> dict:
+    return {"ours_weights_per_s": n_weights / t["median_s"], "ours_best_weights_per_s": n_weights / t["best_s"],
+            "ours_calls": t["calls"], "ours_fraction_of_copy_bandwidth": moved_bytes / t["median_s"] / bw,
+            "ggml_weights_per_s": None, "ggml_best_weights_per_s": None, "ggml_calls": None,
+            "ours_over_ggml": None, "ours_over_ggml_best": None}
 
 
-def _ggml_side(n_weights: int, seconds: float, ours: dict) -> dict:
-    wps = n_weights / seconds
-    return {"ggml_weights_per_s": wps, "ours_over_ggml": ours["ours_weights_per_s"] / wps}
+def _ggml_side(n_weights: int, t: dict, ours: dict) -> dict:
+    wps, best = n_weights / t["median_s"], n_weights / t["best_s"]
+    return {"ggml_weights_per_s": wps, "ggml_best_weights_per_s": best, "ggml_calls": t["calls"],
+            "ours_over_ggml": ours["ours_weights_per_s"] / wps,
+            "ours_over_ggml_best": ours["ours_best_weights_per_s"] / best}
