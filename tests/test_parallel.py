@@ -1,0 +1,129 @@
+"""numlab.parallel: a batch sharded over 4 host devices (a subprocess with
+XLA_FLAGS=--xla_force_host_platform_device_count=4) gives bit-identical numbers to one device,
+and expert-parallel placement splits stacked expert weights without changing the MoE output."""
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from numlab import ops
+from numlab.formats import QTensor
+from numlab.parallel import place_experts, sharded_map
+
+CHILD = """
+import os, sys
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+sys.path.insert(0, sys.argv[1])
+import jax
+jax.config.update("jax_enable_x64", True)
+import numpy as np
+import test_parallel as T
+assert jax.device_count() == 4, jax.devices()
+np.savez(sys.argv[2], **T.results(jax.devices()))
+"""
+D, E, K, N = 256, 8, 2, 37
+
+
+def _weights():
+    rng = np.random.default_rng(0)
+    return {
+        "norm": jnp.asarray(1 + 0.1 * rng.standard_normal(D), jnp.float32),
+        "ffn_gate_inp": jnp.asarray(rng.standard_normal((E, D)), jnp.float32),
+        "ffn_down_exps": QTensor.from_float(rng.standard_normal((E, 64, D)).astype(np.float32), "q4_k"),
+    }
+
+
+def _tokens():
+    return np.random.default_rng(1).standard_normal((N, D)).astype(np.float32)
+
+
+def _token_fn(x, w):
+    """One token through norm, router and the chosen experts (a per-example MoE step)."""
+    h = ops.rmsnorm(x, w["norm"], 1e-6)
+    logits = jnp.dot(w["ffn_gate_inp"], h, precision=jax.lax.Precision.HIGHEST)
+    idx, weights, _ = ops.route(logits, K)
+    experts = QTensor(w["ffn_down_exps"].data[idx], "q4_k", w["ffn_down_exps"].shape)
+    y_q8 = ops.qmatvec(experts, h, act="q8_k")
+    y_f64 = ops.qmatvec(experts, h.astype(jnp.float64), act="f64", acc="f64")
+    return {"idx": idx, "moe": ops.moe_sum(y_q8, weights), "moe_f64": ops.moe_sum(y_f64, weights, dtype="f64"),
+            "probs": ops.softmax(logits)}
+
+
+def results(devices):
+    """Everything the 1-device and 4-device runs must agree on, as a dict of numpy arrays."""
+    w, x = _weights(), _tokens()
+    out = {}
+    for chunk in (None, 10):
+        for k, v in sharded_map(_token_fn, x, w, chunk=chunk, devices=devices).items():
+            out[f"map_chunk{chunk}_{k}"] = np.asarray(v)
+    placed = place_experts(w, devices=devices)
+    shards = placed["ffn_down_exps"].data.addressable_shards
+    out["expert_shard_rows"] = np.array([s.data.shape[0] for s in shards])
+    out["gate_shard_rows"] = np.array([s.data.shape[0] for s in placed["ffn_gate_inp"].addressable_shards])
+    moe = jax.jit(jax.vmap(_token_fn, in_axes=(0, None)))(jnp.asarray(x), placed)
+    for k, v in moe.items():
+        out[f"experts_{k}"] = np.asarray(v)
+    return out
+
+
+@pytest.fixture(scope="module")
+def four_devices(tmp_path_factory):
+    path = tmp_path_factory.mktemp("parallel") / "four.npz"
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    proc = subprocess.run([sys.executable, "-c", CHILD, os.path.dirname(__file__), str(path)],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with np.load(path) as z:
+        return {k: z[k] for k in z.files}
+
+
+def test_four_devices_bit_identical_to_one(four_devices):
+    one = results(jax.devices()[:1])
+    assert set(one) == set(four_devices)
+    for k in one:
+        if "shard_rows" not in k:
+            np.testing.assert_array_equal(four_devices[k], one[k], err_msg=k)
+    assert four_devices["map_chunkNone_moe"].shape == (N, 64)
+    assert four_devices["map_chunkNone_moe_f64"].dtype == np.float64
+
+
+def test_experts_split_over_four_devices(four_devices):
+    np.testing.assert_array_equal(four_devices["expert_shard_rows"], [E // 4] * 4)
+    np.testing.assert_array_equal(four_devices["gate_shard_rows"], [E] * 4)
+
+
+def test_sharded_map_equals_vmap_block_by_block():
+    w, x = _weights(), _tokens()
+    got = sharded_map(_token_fn, x, w, block=8)
+    padded = np.concatenate([x, np.repeat(x[-1:], 40 - N, axis=0)])
+    step = jax.jit(jax.vmap(_token_fn, in_axes=(0, None)))
+    want = [step(jnp.asarray(padded[i:i + 8]), w) for i in range(0, 40, 8)]
+    for k in got:
+        np.testing.assert_array_equal(got[k], np.concatenate([np.asarray(b[k]) for b in want])[:N], err_msg=k)
+
+
+def test_sharded_map_pytree_batch_and_chunks():
+    batch = {"a": np.arange(23.0), "b": np.arange(46.0).reshape(23, 2)}
+    out = sharded_map(lambda e, s: e["a"] * s + e["b"].sum(), batch, 2.0, block=4, chunk=5)
+    np.testing.assert_array_equal(out, np.arange(23.0) * 2 + np.arange(46.0).reshape(23, 2).sum(1))
+
+
+@pytest.mark.parametrize("kwargs,match", [({"block": 0}, "block"), ({"chunk": -1}, "chunk"),
+                                          ({"block": 2.5}, "block")])
+def test_sharded_map_rejects_bad_sizes(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        sharded_map(lambda e, s: e, np.zeros(4), **kwargs)
+
+
+def test_sharded_map_rejects_ragged_batch():
+    with pytest.raises(ValueError, match="leading axis"):
+        sharded_map(lambda e, s: e, {"a": np.zeros(4), "b": np.zeros(5)})
+
+
+def test_place_experts_rejects_leaf_without_expert_axis():
+    with pytest.raises(ValueError, match="ffn_up_exps"):
+        place_experts({"ffn_up_exps": jnp.zeros((4, 4))})
