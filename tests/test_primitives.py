@@ -8,7 +8,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 from absl.testing import parameterized
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from numlab import ops
@@ -51,17 +51,18 @@ class ReduceTest(parameterized.TestCase):
         np.testing.assert_array_equal(pw, _np_pairwise(x, dt), err_msg=f"{name} pairwise")
 
     def test_error_orders_vs_fsum(self):
-        # 2^16 positive float32 values: sequential error grows ~n·eps, pairwise ~log2(n)·eps.
-        x = RNG.random((4, 1 << 16)).astype(np.float32) + np.float32(0.5)
+        # 2^14 positive float32 values: sequential error grows ~n·eps, pairwise ~log2(n)·eps.
+        x = RNG.random((2, 1 << 14)).astype(np.float32) + np.float32(0.5)
         exact = np.array([math.fsum(r.astype(np.float64)) for r in x])
-        err = {o: _rel(ops.rsum(jnp.asarray(x), order=o), exact) for o in ops.ORDERS}
+        rsum = jax.jit(ops.rsum, static_argnames=("axis", "order"))
+        err = {o: _rel(rsum(jnp.asarray(x), order=o), exact) for o in ops.ORDERS}
         assert err["pairwise"] < 2e-7, err
         assert err["xla"] < 1e-5, err
         assert 1e-6 < err["sequential"] < 1e-3, err
         assert err["sequential"] > 10 * err["pairwise"], err
         x64 = x.astype(np.float64)
         for o in ops.ORDERS:
-            e = _rel(ops.rsum(jnp.asarray(x64), order=o), exact)
+            e = _rel(rsum(jnp.asarray(x64), order=o), exact)
             assert e < 1e-14, (o, e)
 
     def test_axis_and_empty(self):
@@ -89,7 +90,8 @@ class ElementwiseTest(parameterized.TestCase):
         x = RNG.standard_normal((5, 256)) * 3
         w = RNG.standard_normal(256)
         ref = x / np.sqrt(np.mean(x * x, -1, keepdims=True) + 1e-6) * w
-        got = self.variant(ops.rmsnorm, static_argnames=("eps", "dtype", "order"))(x, w, eps=1e-6, dtype=dtype, order=order)
+        fn = self.variant(ops.rmsnorm, static_argnames=("eps", "dtype", "order"))
+        got = fn(x, w, eps=1e-6, dtype=dtype, order=order)
         assert got.dtype == ops.jdtype(dtype)
         err = _rel(got, ref)
         assert err < (1e-14 if dtype == "f64" else 2e-6), f"{dtype}/{order}: rel err {err:.3g}"
@@ -213,6 +215,7 @@ class AttentionTest(parameterized.TestCase):
 
 class RoutingTest(parameterized.TestCase):
 
+    @settings(max_examples=10)
     @given(st.integers(0, 2**31 - 1), st.integers(1, 7), st.sampled_from(["f64", "f32", "bf16"]))
     def test_route_invariants(self, seed, k, dtype):
         logits = np.random.default_rng(seed).standard_normal((5, 8)) * 3
