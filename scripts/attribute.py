@@ -1,0 +1,120 @@
+"""Main job: run a model under two precision policies, measure where they diverge and attribute the
+divergence to op groups; writes report.json, report.md and PNG plots into a run folder.
+
+    python scripts/attribute.py                      # embedded default (configs/attribute.py)
+    python scripts/attribute.py --model=m.gguf --low=ggml-cuda --ref=f32 --groups=layer --out=results/x
+
+With no --model the synthetic model of --config.size is written to a GGUF file in a temporary folder
+and loaded back. Prompts are random token ids (numpy default_rng(--config.prompt_seed)), not text.
+"""
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+from absl import app, flags, logging
+from ml_collections import config_flags
+from tqdm import tqdm
+
+from numlab import policy as policy_lib
+from numlab.analysis import attribution, plots, report
+from numlab.io import make_run_dir
+from numlab.models import config as config_lib
+from numlab.models.gguf_io import load_gguf
+from numlab.models.synthetic import write as write_synthetic
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", str(Path(__file__).resolve().parent.parent / "configs" / "attribute.py"),
+    "experiment config (ml_collections); fields can be set as --config.<field>=value")
+FLAGS = flags.FLAGS
+flags.DEFINE_string("model", None, "GGUF file to analyse (default: the config's synthetic model)")
+flags.DEFINE_string("low", None, "policy under test: preset name or rules GLOB.field=value; ...")
+flags.DEFINE_string("ref", None, "reference policy")
+flags.DEFINE_string("out", None, "run folder (default results/attribute-<model>-<low>-vs-<ref>)")
+flags.DEFINE_bool("overwrite", False, "replace the results in an existing run folder")
+flags.DEFINE_integer("ig_points", None, "quadrature nodes of the integrated gradients")
+flags.DEFINE_enum("groups", None, list(attribution.GROUPINGS), "group the sites by op kind, by layer, or not")
+
+
+def _settings():
+    """The config with the explicit flags applied, validated."""
+    c = _CONFIG.value
+    for name in ("model", "low", "ref", "out", "ig_points", "groups"):
+        if getattr(FLAGS, name) is not None:
+            c[name] = getattr(FLAGS, name)
+    if c.groups not in attribution.GROUPINGS:
+        raise app.UsageError(f"groups {c.groups!r}: valid: {', '.join(attribution.GROUPINGS)}")
+    if c.rule not in attribution.RULES:
+        raise app.UsageError(f"rule {c.rule!r}: valid: {', '.join(attribution.RULES)}")
+    if c.ig_points < 1 or c.n_prompts < 1 or c.n_tokens < 2 or c.batch_size < 0:
+        raise app.UsageError(f"need ig_points >= 1, n_prompts >= 1, n_tokens >= 2, batch_size >= 0; got "
+                             f"{c.ig_points}, {c.n_prompts}, {c.n_tokens}, {c.batch_size}")
+    if c.model and not os.path.isfile(c.model):
+        raise app.UsageError(f"--model {c.model!r} is not a file")
+    for name in ("low", "ref"):
+        try:
+            policy_lib.get(c[name])
+        except ValueError as e:
+            raise app.UsageError(f"--{name}: {e}") from e
+    return c
+
+
+def _load(c):
+    """(model, description): the GGUF file, or the synthetic model written to GGUF and loaded back."""
+    if c.model:
+        return load_gguf(c.model), os.path.basename(c.model)
+    config_lib.get(c.size)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / f"synthetic-{c.size}.gguf"
+        write_synthetic(c.size, path, seed=c.seed)
+        size = path.stat().st_size
+        model = load_gguf(path)
+        model = jax.tree.map(lambda a: jax.numpy.asarray(a), model)   # off the memory map before it goes
+    return model, f"synthetic {c.size} (seed {c.seed}, Q4_K_M, {size / 2**20:.1f} MiB GGUF, written and loaded back)"
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    jax.config.update("jax_enable_x64", True)
+    c = _settings()
+    tag = Path(c.model).stem if c.model else c.size
+    name = lambda p: p if p in policy_lib.PRESETS else "custom"  # noqa: E731
+    out = Path(c.out or f"results/attribute-{tag}-{name(c.low)}-vs-{name(c.ref)}")
+    run_dir = make_run_dir(out.parent, out.name, overwrite=FLAGS.overwrite)
+    timings, t0 = {}, time.perf_counter()
+    bar = lambda it, **kw: tqdm(it, **kw)  # noqa: E731
+
+    logging.info("loading the model")
+    model, desc = _load(c)
+    timings["model_s"] = time.perf_counter() - t0
+    tokens = np.random.default_rng(c.prompt_seed).integers(0, model.config.vocab, (c.n_prompts, c.n_tokens))
+    logging.info("analysing %s against %s on %s (%s), %d prompts × %d tokens", c.low, c.ref, desc,
+                 jax.default_backend(), c.n_prompts, c.n_tokens)
+    t1 = time.perf_counter()
+    res = attribution.analyze(model, tokens, c.low, c.ref, by=c.groups, ig_points=c.ig_points, rule=c.rule,
+                              batch_size=c.batch_size or None, progress=bar)
+    timings["analyze_s"] = time.perf_counter() - t1
+    res["compare"] = {}
+    for p in [p.strip() for p in c.compare.split(",") if p.strip()]:
+        logging.info("comparing policy %s", p)
+        res["compare"][p] = attribution.policy_divergence(model, tokens, p, c.ref)
+    timings["total_s"] = time.perf_counter() - t0
+    meta = dict(model=desc, low_name=c.low, ref_name=c.ref, device=jax.default_backend(),
+                prompts=f"random token ids, numpy default_rng({c.prompt_seed})", timings=timings,
+                config=c.to_dict())
+    rep = report.build(res, meta)
+    paths = {**report.write(run_dir, rep), **plots.write_all(run_dir, rep)}
+    h = rep["headline"]
+    lc = h["leading_cause"]
+    print(f"{c.low} vs {c.ref} on {desc}: worst layer {h['worst_layer']} mean cos {h['worst_layer_cos']:.6f}; "
+          f"leading cause {lc['cause'] if lc else 'none'} ({100 * (lc['share'] or 0):.1f}%); "
+          f"{h['changed_choices']}/{h['choices']} expert sets changed; "
+          f"next token agrees {h['next_token_agree']}/{h['n_prompts']}; {timings['total_s']:.1f} s")
+    print(f"wrote {', '.join(str(p) for p in paths.values())}")
+
+
+if __name__ == "__main__":
+    app.run(main)
