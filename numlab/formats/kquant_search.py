@@ -16,7 +16,9 @@ fused multiply-add. XLA does two things that change those bits, and this module 
   `lax.optimization_barrier`, so the divide stays a correctly rounded IEEE division.
 
 Sums that ggml accumulates in a loop are spelled out element by element in the same order
-(`seq_sum`), never `jnp.sum`. Arrays here keep the summed element axis first.
+(`seq_sum`), never `jnp.sum`. The searches keep the summed element axis first and the blocks on
+the minor axis, where XLA's CPU loops vectorise; codes are then computed and packed in the
+input's own layout, so no large transpose is left at the end.
 """
 import numpy as np
 import jax
@@ -50,6 +52,16 @@ def nearest_int(v: jax.Array) -> jax.Array:
     return (bits & 0x7FFFFF) - 0x400000
 
 
+def once(v: jax.Array) -> jax.Array:
+    """`v` unchanged (v / 1), computed once into its own buffer in the default layout.
+
+    XLA copies cheap producers into every consumer fusion (the 32-term sums ended up summed
+    five times per candidate) and may leave a transpose as a strided view; a division is an
+    expensive op that XLA never duplicates, so it is materialised once.
+    """
+    return div(v, F32(1))
+
+
 def seq_sum(terms: jax.Array, start=None) -> jax.Array:
     """float32 sum over axis 0 in index order, ((start + t0) + t1) + ...; start defaults to 0.0."""
     acc = jnp.zeros(terms.shape[1:], F32) if start is None else start
@@ -66,9 +78,9 @@ def seq_max(values: jax.Array) -> jax.Array:
     return m
 
 
-def _levels(iscale, x, xmin, keep, nmax: int) -> jax.Array:
-    """clamp(nearest_int(iscale * (x - min)), 0, nmax) as int32."""
-    return jnp.clip(nearest_int(mul(iscale, x - xmin, keep)), 0, nmax)
+def levels(iscale, x, offset, keep, nmax: int) -> jax.Array:
+    """clamp(nearest_int(iscale * (x - offset)), 0, nmax) as int32."""
+    return jnp.clip(nearest_int(mul(iscale, x - offset, keep)), 0, nmax)
 
 
 def _weighted_sq_error(scale, xmin, lf, x, w, keep) -> jax.Array:
@@ -85,7 +97,8 @@ def make_qkx2_quants(x, w, keep, nmax: int, rmin: float, rdelta: float, nstep: i
     weighted least squares for each and keeping a candidate when its weighted squared error is
     strictly smaller. As in ggml, an accepted candidate's min replaces `min` for all later
     candidates, so the candidates run in sequence (a scan); each step is vectorised over columns.
-    Returns (scale, the_min, L) with L int32 [n, ...] in 0..nmax; float32 throughout.
+    Returns float32 [...] (scale, the_min, iscale, offset): ggml's codes are
+    `levels(iscale, x, offset, keep, nmax)` (iscale is 0 where ggml's codes are all 0).
     """
     xmin = jnp.min(x, axis=0)
     xmax = jnp.max(x, axis=0)
@@ -96,23 +109,23 @@ def make_qkx2_quants(x, w, keep, nmax: int, rmin: float, rdelta: float, nstep: i
     kb = keep[0]  # a per-column mask for column-level products
     iscale0 = div(F32(nmax), xmax - xmin)
     scale0 = div(F32(1), iscale0)
-    best0 = _weighted_sq_error(scale0, xmin, _levels(iscale0, x, xmin, keep, nmax).astype(F32), x, w, keep)
+    best0 = _weighted_sq_error(scale0, xmin, levels(iscale0, x, xmin, keep, nmax).astype(F32), x, w, keep)
 
     def step(carry, numer):
         best, scale, mn, iscale_sel, min_sel = carry
         iscale = div(numer, xmax - mn)
-        lf = _levels(iscale, x, mn, keep, nmax).astype(F32)
+        lf = levels(iscale, x, mn, keep, nmax).astype(F32)
         wl = mul(w, lf, keep)
-        sum_l = seq_sum(wl)
-        sum_l2 = seq_sum(mul(wl, lf, keep))
-        sum_xl = seq_sum(mul(wl, x, keep))
+        sum_l = once(seq_sum(wl))
+        sum_l2 = once(seq_sum(mul(wl, lf, keep)))
+        sum_xl = once(seq_sum(mul(wl, x, keep)))
         det = mul(sum_w, sum_l2, kb) - mul(sum_l, sum_l, kb)
         this_scale = div(mul(sum_w, sum_xl, kb) - mul(sum_x, sum_l, kb), det)
         this_min = div(mul(sum_l2, sum_x, kb) - mul(sum_l, sum_xl, kb), det)
         clamp = this_min > 0
         this_scale = jnp.where(clamp, div(sum_xl, sum_l2), this_scale)
         this_min = jnp.where(clamp, F32(0), this_min)
-        cur = _weighted_sq_error(this_scale, this_min, lf, x, w, keep)
+        cur = once(_weighted_sq_error(this_scale, this_min, lf, x, w, keep))
         take = (det > 0) & (cur < best)
         return (jnp.where(take, cur, best), jnp.where(take, this_scale, scale),
                 jnp.where(take, this_min, mn), jnp.where(take, iscale, iscale_sel),
@@ -122,10 +135,9 @@ def make_qkx2_quants(x, w, keep, nmax: int, rmin: float, rdelta: float, nstep: i
     steps = np.arange(nstep + 1, dtype=np.float32)
     numers = (np.float32(rmin) + np.float32(rdelta) * steps) + np.float32(nmax)
     init = (best0, scale0, xmin, iscale0, xmin)
-    (_, scale, mn, iscale_sel, min_sel), _ = lax.scan(step, init, jnp.asarray(numers))
-    levels = _levels(iscale_sel, x, min_sel, keep, nmax)
+    (_, scale, mn, iscale, offset), _ = lax.scan(step, init, jnp.asarray(numers))
     return (jnp.where(flat, F32(0), scale), -jnp.where(flat, xmin, mn),
-            jnp.where(flat, 0, levels))
+            jnp.where(flat, F32(0), iscale), offset)
 
 
 def quantize_super_blocks(x: jax.Array, nmax: int, rmin: float, nstep: int):
@@ -135,12 +147,12 @@ def quantize_super_blocks(x: jax.Array, nmax: int, rmin: float, nstep: int):
     L int32 [m, 256] codes in 0..nmax).
     """
     m = x.shape[0]
-    xs = x.reshape(m, 8, 32).transpose(2, 1, 0)  # [32, 8, m]: element axis first
+    xs = once(x.reshape(m, 8, 32).transpose(2, 1, 0))  # [32, 8, m]: element axis first
     keep = xs == xs
     kb = keep[0]
     av_x = jnp.sqrt(div(seq_sum(mul(xs, xs, keep)), F32(32)))
     w = av_x + jnp.abs(xs)
-    scales, mins, levels = make_qkx2_quants(xs, w, keep, nmax, rmin, 0.1, nstep)
+    scales, mins, iscale, offset = make_qkx2_quants(xs, w, keep, nmax, rmin, 0.1, nstep)
 
     max_scale = seq_max(scales)
     max_min = seq_max(mins)
@@ -152,11 +164,17 @@ def quantize_super_blocks(x: jax.Array, nmax: int, rmin: float, nstep: int):
     d16 = div(max_scale, F32(63)).astype(jnp.float16)
     dmin16 = div(max_min, F32(63)).astype(jnp.float16)
 
-    # Re-quantize with the rounded scales. d*ls and dmin*lm are exact (fp16 times 6 bits).
-    dj = d16.astype(F32) * ls.astype(F32)
-    dmj = dmin16.astype(F32) * lm.astype(F32)
-    requant = jnp.clip(nearest_int(div(xs + dmj, dj)), 0, nmax)
-    levels = jnp.where(dj != 0, requant, levels)  # ggml skips sub-blocks whose scale is 0
+    # The codes, in the input's own layout [m, 8, 32]: re-quantized with the rounded scales,
+    # except where ggml skips a sub-block whose scale is 0 and keeps the search's codes.
+    # d*ls and dmin*lm are exact (fp16 times 6 bits). Per-sub-block values are materialised
+    # ([m, 8], `once`) before they are broadcast.
+    xn = x.reshape(m, 8, 32)
+    keep_n = xn == xn
+    dj = once(d16[:, None].astype(F32) * ls.T.astype(F32))[..., None]
+    dmj = once(dmin16[:, None].astype(F32) * lm.T.astype(F32))[..., None]
+    searched = levels(once(iscale.T)[..., None], xn, once(offset.T)[..., None], keep_n, nmax)
+    requant = jnp.clip(nearest_int(div(xn + dmj, dj)), 0, nmax)
+    codes = jnp.where(dj != 0, requant, searched).reshape(m, 256)
 
     packed = jnp.concatenate([
         ls[:4] | ((ls[4:] >> 4) << 6),
@@ -168,7 +186,7 @@ def quantize_super_blocks(x: jax.Array, nmax: int, rmin: float, nstep: int):
         lax.bitcast_convert_type(dmin16, jnp.uint8),
         packed,
     ], axis=-1)
-    return head, levels.transpose(2, 1, 0).reshape(m, 256)
+    return head, codes
 
 
 def unpack_scales(packed: jax.Array):
@@ -181,6 +199,7 @@ def unpack_scales(packed: jax.Array):
     return scales, mins
 
 
-def non_finite_blocks(x: jax.Array) -> jax.Array:
-    """bool [...]: blocks x[..., block] holding a NaN or an infinity."""
-    return ~jnp.all(jnp.isfinite(x), axis=-1)
+def mark_non_finite(blocks: jax.Array, x: jax.Array, marker) -> jax.Array:
+    """blocks uint8 [m, type_size] with the bytes `marker` where x[m, 256] holds a NaN or an infinity."""
+    bad = ~jnp.all(jnp.isfinite(x), axis=-1)
+    return jnp.where(bad[:, None], jnp.asarray(marker, jnp.uint8), blocks)

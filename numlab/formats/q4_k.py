@@ -19,7 +19,7 @@ from numlab.formats._common import Unpacked, f16_from_bytes
 BLOCK_SIZE = 256
 TYPE_SIZE = 144
 GGML_TYPE = 12
-_NAN_HEAD = (0x00, 0x7E, 0x00, 0x7E)  # fp16 NaN for d and dmin
+_NAN_MARKER = (0x00, 0x7E, 0x00, 0x7E) + (0,) * (TYPE_SIZE - 4)  # d = dmin = fp16 NaN
 
 
 def _check(a, last: int, what: str):
@@ -34,12 +34,10 @@ def quantize_blocks(x: jax.Array) -> jax.Array:
     if x.dtype != jnp.float32:
         raise TypeError(f"q4_k quantize expects float32, got {x.dtype}")
     flat = x.reshape(-1, BLOCK_SIZE)
-    head, levels = ks.quantize_super_blocks(flat, nmax=15, rmin=-1.0, nstep=20)
-    lv = levels.reshape(-1, 4, 2, 32)
-    qs = (lv[:, :, 0] | (lv[:, :, 1] << 4)).reshape(-1, 128).astype(jnp.uint8)
-    out = jnp.concatenate([head, qs], axis=-1)
-    marker = jnp.zeros(TYPE_SIZE, jnp.uint8).at[:4].set(jnp.array(_NAN_HEAD, jnp.uint8))
-    out = jnp.where(ks.non_finite_blocks(flat)[:, None], marker, out)
+    head, codes = ks.quantize_super_blocks(flat, nmax=15, rmin=-1.0, nstep=20)
+    c = codes.reshape(-1, 4, 2, 32)  # [m, chunk c, half h, i]: value 64c + 32h + i
+    qs = (c[:, :, 0] | (c[:, :, 1] << 4)).reshape(-1, 128).astype(jnp.uint8)
+    out = ks.mark_non_finite(jnp.concatenate([head, qs], axis=-1), flat, _NAN_MARKER)
     return out.reshape(x.shape[:-1] + (TYPE_SIZE,))
 
 

@@ -19,7 +19,7 @@ from numlab.formats._common import Unpacked, f16_from_bytes
 BLOCK_SIZE = 256
 TYPE_SIZE = 176
 GGML_TYPE = 13
-_NAN_HEAD = (0x00, 0x7E, 0x00, 0x7E)  # fp16 NaN for d and dmin
+_NAN_MARKER = (0x00, 0x7E, 0x00, 0x7E) + (0,) * (TYPE_SIZE - 4)  # d = dmin = fp16 NaN
 
 
 def _check(a, last: int, what: str):
@@ -34,17 +34,16 @@ def quantize_blocks(x: jax.Array) -> jax.Array:
     if x.dtype != jnp.float32:
         raise TypeError(f"q5_k quantize expects float32, got {x.dtype}")
     flat = x.reshape(-1, BLOCK_SIZE)
-    head, levels = ks.quantize_super_blocks(flat, nmax=31, rmin=-0.5, nstep=15)
-    lv = levels.reshape(-1, 4, 2, 32)
-    low = lv & 0xF
+    head, codes = ks.quantize_super_blocks(flat, nmax=31, rmin=-0.5, nstep=15)
+    c = codes.reshape(-1, 4, 2, 32)  # [m, chunk c, half h, i]: value 64c + 32h + i
+    low = c & 0xF
     qs = (low[:, :, 0] | (low[:, :, 1] << 4)).reshape(-1, 128)
-    high = (lv >> 4).reshape(-1, 8, 32)  # row 2c + h: the high bit of value 64c + 32h + i
-    qh = jnp.zeros_like(high[:, 0])
-    for bit in range(8):
+    high = (c >> 4).reshape(-1, 8, 32)  # row 2c + h: the high bits of values 64c + 32h + i
+    qh = high[:, 0]
+    for bit in range(1, 8):
         qh = qh | (high[:, bit] << bit)
     out = jnp.concatenate([head, qh.astype(jnp.uint8), qs.astype(jnp.uint8)], axis=-1)
-    marker = jnp.zeros(TYPE_SIZE, jnp.uint8).at[:4].set(jnp.array(_NAN_HEAD, jnp.uint8))
-    out = jnp.where(ks.non_finite_blocks(flat)[:, None], marker, out)
+    out = ks.mark_non_finite(out, flat, _NAN_MARKER)
     return out.reshape(x.shape[:-1] + (TYPE_SIZE,))
 
 

@@ -26,6 +26,7 @@ TYPE_SIZE = 210
 GGML_TYPE = 14
 F32 = jnp.float32
 _NMAX = 32
+_NAN_MARKER = (0,) * (TYPE_SIZE - 2) + (0x00, 0x7E)  # d = fp16 NaN
 
 
 def _check(a, last: int, what: str):
@@ -47,52 +48,47 @@ def _first_absmax(v):
     return amax, vmax
 
 
-def _levels(iscale, x, keep):
+def _codes(iscale, x, keep):
     """clamp(nearest_int(iscale * x), -32, 31) as int32."""
     return jnp.clip(ks.nearest_int(ks.mul(iscale, x, keep)), -_NMAX, _NMAX - 1)
 
 
 def _moments(lf, x, w, keep):
     """(sum w*x*l, sum w*l*l) over axis 0 in ggml's order; w = x*x."""
-    sumlx = ks.seq_sum(ks.mul(w * x, lf, keep))
-    suml2 = ks.seq_sum(ks.mul(w * lf, lf, keep))
+    sumlx = ks.once(ks.seq_sum(ks.mul(w * x, lf, keep)))
+    suml2 = ks.once(ks.seq_sum(ks.mul(w * lf, lf, keep)))
     return sumlx, suml2
 
 
 def make_qx_quants(x, keep):
     """ggml's make_qx_quants(n, nmax=32, rmse_type=1, no weights) on columns x[n, ...].
 
-    The inverse scales -nmax/max and -(nmax + 0.1*is)/max for is = -9..9 (is != 0) are evaluated
-    at once; ggml's sequential choice (accept when sumlx^2 > best*suml2, best updated on each
-    accept) is replayed in order by a scan. Returns (scale float32 [...], L int32 [n, ...] in 0..63).
+    Starts from the inverse scale -nmax/max, then tries -(nmax + 0.1*is)/max for is = -9..9
+    (is != 0) in order (a scan, vectorised over columns), accepting a candidate when
+    sumlx^2 > best*suml2 and updating best, as ggml does. Returns float32 [...] (scale, iscale)
+    and bool `zero`: ggml's codes are 0 where `zero`, else `_codes(iscale, x, keep)`.
     """
     amax, xmax = _first_absmax(x)
     zero = amax < ks.GROUP_MAX_EPS
     w = x * x
 
     iscale0 = ks.div(F32(-_NMAX), xmax)
-    sumlx0, suml20 = _moments(_levels(iscale0, x, keep).astype(F32), x, w, keep)
-    scale = jnp.where(suml20 != 0, ks.div(sumlx0, suml20), F32(0))
-    best = scale * sumlx0
+    sumlx0, suml20 = _moments(_codes(iscale0, x, keep).astype(F32), x, w, keep)
+    scale0 = jnp.where(suml20 != 0, ks.div(sumlx0, suml20), F32(0))
+
+    def step(carry, numer):
+        scale, best, iscale_sel = carry
+        iscale = ks.div(numer, xmax)
+        sumlx, suml2 = _moments(_codes(iscale, x, keep).astype(F32), x, w, keep)
+        take = (suml2 > 0) & (sumlx * sumlx > best * suml2)
+        new_scale = ks.div(sumlx, suml2)
+        return (jnp.where(take, new_scale, scale), jnp.where(take, new_scale * sumlx, best),
+                jnp.where(take, iscale, iscale_sel)), None
 
     steps = np.array([i for i in range(-9, 10) if i != 0], np.float32)
     numers = -(np.float32(_NMAX) + np.float32(0.1) * steps)
-    iscales = ks.div(jnp.asarray(numers).reshape((-1,) + (1,) * (x.ndim - 1)), xmax[None])  # [c, ...]
-    lf = _levels(iscales[None], x[:, None], keep[:, None]).astype(F32)                     # [n, c, ...]
-    sumlx, suml2 = _moments(lf, x[:, None], w[:, None], keep[:, None])
-    accept_scale = ks.div(sumlx, suml2)
-
-    def accept(carry, cand):
-        scale, best, iscale = carry
-        c_sumlx, c_suml2, c_scale, c_iscale = cand
-        take = (c_suml2 > 0) & (c_sumlx * c_sumlx > best * c_suml2)
-        return (jnp.where(take, c_scale, scale), jnp.where(take, c_scale * c_sumlx, best),
-                jnp.where(take, c_iscale, iscale)), None
-
-    # The scan also materialises the choice, so XLA does not recompute it for every element.
-    (scale, _, iscale), _ = lax.scan(accept, (scale, best, iscale0), (sumlx, suml2, accept_scale, iscales))
-    levels = _levels(iscale, x, keep) + _NMAX
-    return jnp.where(zero, F32(0), scale), jnp.where(zero, 0, levels)
+    (scale, _, iscale), _ = lax.scan(step, (scale0, scale0 * sumlx0, iscale0), jnp.asarray(numers))
+    return jnp.where(zero, F32(0), scale), iscale, zero
 
 
 def quantize_blocks(x: jax.Array) -> jax.Array:
@@ -103,33 +99,38 @@ def quantize_blocks(x: jax.Array) -> jax.Array:
         raise TypeError(f"q6_k quantize expects float32, got {x.dtype}")
     flat = x.reshape(-1, BLOCK_SIZE)
     m = flat.shape[0]
-    xs = flat.reshape(m, 16, 16).transpose(2, 1, 0)  # [16, 16, m]: element axis first
+    xs = ks.once(flat.reshape(m, 16, 16).transpose(2, 1, 0))  # [16, 16, m]: element axis first
     keep = xs == xs
-    scales, levels = make_qx_quants(xs, keep)           # [16, m], [16, 16, m]
+    scales, iscale, zero = make_qx_quants(xs, keep)           # [16, m] each
+    scales = ks.once(scales)
 
-    max_abs, max_scale = _first_absmax(scales)
+    max_abs, max_scale = (ks.once(v) for v in _first_absmax(scales))
     zero_block = max_abs < ks.GROUP_MAX_EPS
-    iscale = ks.div(F32(-128), max_scale)
-    d16 = ks.div(F32(1), iscale).astype(jnp.float16)
-    sc = jnp.minimum(127, ks.nearest_int(ks.mul(iscale, scales, keep[0])))
-    sc8 = lax.bitcast_convert_type((sc & 0xFF).astype(jnp.uint8), jnp.int8)  # ggml stores into int8
+    inv = ks.div(F32(-128), max_scale)
+    d16 = ks.div(F32(1), inv).astype(jnp.float16)
+    sc = jnp.minimum(127, ks.nearest_int(ks.mul(inv, scales, keep[0])))
+    sc8 = lax.bitcast_convert_type((sc & 0xFF).astype(jnp.uint8), jnp.int8).T  # ggml stores int8
 
-    # Re-quantize with the rounded scales; d*sc is exact (fp16 times 8 bits).
-    dj = d16.astype(F32) * sc8.astype(F32)
-    requant = jnp.clip(ks.nearest_int(ks.div(xs, dj)), -_NMAX, _NMAX - 1) + _NMAX
-    levels = jnp.where(dj != 0, requant, levels)        # ggml skips sub-blocks whose scale is 0
+    # The codes, in the input's own layout [m, 16, 16]: re-quantized with the rounded scales,
+    # except where ggml skips a sub-block whose scale is 0 and keeps the search's codes.
+    # d*sc is exact (fp16 times 8 bits).
+    # Per-sub-block values are materialised ([m, 16], `once`) before they are broadcast.
+    xn = flat.reshape(m, 16, 16)
+    zero_t = ks.once(zero.T.astype(F32))[..., None] != 0
+    searched = jnp.where(zero_t, 0, _codes(ks.once(iscale.T)[..., None], xn, xn == xn) + _NMAX)
+    dj = ks.once(d16[:, None].astype(F32) * sc8.astype(F32))[..., None]
+    requant = jnp.clip(ks.nearest_int(ks.div(xn, dj)), -_NMAX, _NMAX - 1) + _NMAX
+    codes = jnp.where(dj != 0, requant, searched).reshape(m, 2, 4, 32)  # [m, half, quarter, i]
 
-    lv = levels.transpose(2, 1, 0).reshape(m, 2, 4, 32)  # [m, half, quarter, i]
-    ql = jnp.concatenate([lv[:, :, 0] & 0xF | ((lv[:, :, 2] & 0xF) << 4),
-                          lv[:, :, 1] & 0xF | ((lv[:, :, 3] & 0xF) << 4)], axis=-1).reshape(m, 128)
-    qh = ((lv[:, :, 0] >> 4) | ((lv[:, :, 1] >> 4) << 2) | ((lv[:, :, 2] >> 4) << 4)
-          | ((lv[:, :, 3] >> 4) << 6)).reshape(m, 64)
-    out = jnp.concatenate([ql.astype(jnp.uint8), qh.astype(jnp.uint8),
-                           lax.bitcast_convert_type(sc8, jnp.uint8).T,
+    ql = jnp.concatenate([codes[:, :, 0] & 0xF | ((codes[:, :, 2] & 0xF) << 4),
+                          codes[:, :, 1] & 0xF | ((codes[:, :, 3] & 0xF) << 4)], axis=-1)
+    qh = ((codes[:, :, 0] >> 4) | ((codes[:, :, 1] >> 4) << 2) | ((codes[:, :, 2] >> 4) << 4)
+          | ((codes[:, :, 3] >> 4) << 6))
+    out = jnp.concatenate([ql.reshape(m, 128).astype(jnp.uint8), qh.reshape(m, 64).astype(jnp.uint8),
+                           lax.bitcast_convert_type(sc8, jnp.uint8),
                            lax.bitcast_convert_type(d16, jnp.uint8)], axis=-1)
     out = jnp.where(zero_block[:, None], jnp.uint8(0), out)
-    marker = jnp.zeros(TYPE_SIZE, jnp.uint8).at[-2:].set(jnp.array([0x00, 0x7E], jnp.uint8))
-    out = jnp.where(ks.non_finite_blocks(flat)[:, None], marker, out)
+    out = ks.mark_non_finite(out, flat, _NAN_MARKER)
     return out.reshape(x.shape[:-1] + (TYPE_SIZE,))
 
 
