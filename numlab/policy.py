@@ -126,7 +126,7 @@ def parse(text: str) -> Policy:
         part = part.strip()
         if not part:
             continue
-        m = _RULE.match(re.sub(r"\s+", "", part))
+        m = _RULE.match(re.sub(r"\s*=\s*", "=", part))
         if not m:
             raise ValueError(f"bad policy rule {part!r}: expected GLOB.field=value with field one of "
                              f"{', '.join(VALUES)} (e.g. 'blk.4[0-7].router_softmax.dtype=f64')")
