@@ -49,3 +49,55 @@ def i16_bytes(x: jax.Array) -> jax.Array:
 def i16_from_bytes(b: jax.Array) -> jax.Array:
     """uint8 [..., 2] -> int32 [...] from little-endian int16."""
     return lax.bitcast_convert_type(b, jnp.int16).astype(jnp.int32)
+
+
+def _split(bits):
+    """int32 bits of |x| -> (24-bit normalised significand, unbiased-by-127 exponent) for finite x != 0."""
+    e = (bits >> 23) & 0xFF
+    m = bits & 0x7FFFFF
+    shift = jnp.where(e == 0, lax.clz(m) - 8, 0)
+    return jnp.where(e == 0, m << shift, m | 0x800000), jnp.where(e == 0, 1 - shift, e)
+
+
+def div_exact(a: jax.Array, b: jax.Array) -> jax.Array:
+    """Correctly rounded float32 a / b (round to nearest even, subnormals kept) by integer long division."""
+    ab = lax.bitcast_convert_type(a, jnp.int32)
+    bb = lax.bitcast_convert_type(b, jnp.int32)
+    sign = (ab ^ bb) & jnp.int32(-0x80000000)
+    ma, ea = _split(ab & 0x7FFFFFFF)
+    mb, eb = _split(bb & 0x7FFFFFFF)
+    lower = ma < mb
+    r = jnp.where(lower, ma << 1, ma)
+    exp = ea - eb + 127 - lower.astype(jnp.int32)
+    q = jnp.zeros_like(r)
+    for _ in range(25):  # 24 significand bits and one guard bit; the remainder gives the sticky bit
+        bit = r >= mb
+        q = (q << 1) | bit.astype(jnp.int32)
+        r = (r - jnp.where(bit, mb, 0)) << 1
+    sticky = r != 0
+    drop = jnp.clip(jnp.where(exp >= 1, 1, 2 - exp), 1, 26)
+    kept = q >> drop
+    rem = q & ((jnp.int32(1) << drop) - 1)
+    half = jnp.int32(1) << (drop - 1)
+    up = (rem > half) | ((rem == half) & (sticky | ((kept & 1) == 1)))
+    kept = kept + up.astype(jnp.int32)
+    mag = jnp.where(exp >= 1, ((exp - 1) << 23) + kept, kept)
+    mag = jnp.where((exp >= 255) | (mag >= 0x7F800000), 0x7F800000, mag)
+    # Special operands are told apart on the bits: CPU float compares treat subnormals as zero.
+    aa, ba = ab & 0x7FFFFFFF, bb & 0x7FFFFFFF
+    a_inf, b_inf, a_zero, b_zero = aa == 0x7F800000, ba == 0x7F800000, aa == 0, ba == 0
+    nan = (aa > 0x7F800000) | (ba > 0x7F800000) | (a_inf & b_inf) | (a_zero & b_zero)
+    mag = jnp.where(a_inf | b_zero, 0x7F800000, jnp.where(a_zero | b_inf, 0, mag))
+    return lax.bitcast_convert_type(jnp.where(nan, 0x7FC00000, sign | mag), jnp.float32)
+
+
+def div_rn(a, b) -> jax.Array:
+    """float32 a / b rounded to nearest even, as C computes it, on every backend.
+
+    XLA:GPU lowers float32 division to PTX `div.full` (up to 2 ulp off: 4.6% of amax/127 and 13% of
+    1/d differ from IEEE, measured on an H100); there this runs an exact integer long division. On
+    CPU XLA's division is IEEE; the barrier keeps the simplifier from rewriting a / c as a * (1/c).
+    """
+    a, b = jnp.broadcast_arrays(jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32))
+    return lax.platform_dependent(a, b, cpu=lambda x, y: x / lax.optimization_barrier(y),
+                                  default=div_exact)

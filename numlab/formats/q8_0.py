@@ -2,21 +2,21 @@
 
 Floats: the codes come from one float32 product x * (1/d) rounded half away from zero (C `roundf`),
 with no multiply-add anywhere, so XLA's multiply-add contraction under jit has nothing to contract.
-XLA's algebraic simplifier rewrites `A / broadcast(c)` as `A * (1/c)`, which is not the correctly
-rounded quotient (about 4.5% of amax/127 differ in the last bit); d is therefore divided by an array of
-127s behind `lax.optimization_barrier`, which keeps a true division, eager and under jit; 1/d takes d
-through a second barrier, else the simplifier turns 1/(amax/127) into 127/amax.
+Both divisions (d = amax/127 and 1/d) go through `div_rn`, correctly rounded on every backend: XLA's
+simplifier would rewrite a / 127 as a * (1/127) and 1/(amax/127) as 127/amax, and XLA:GPU's own
+float32 division is up to 2 ulp off; either changes about 5-13% of the scales in the last bit.
 NaN/Inf follow ggml's C on x86: `amax = MAX(amax, |x|)` with `MAX(a, b) = a > b ? a : b` lets a NaN
 reset the running maximum (see `ggml_amax`); a non-finite x/d becomes code 0 (x86 converts it to
 0x80000000, whose low byte is 0); an Inf in the block gives d = Inf and all codes 0.
-Subnormals: XLA on CPU flushes float32 subnormals to zero and ggml's C does not, so blocks holding
-subnormal values, or whose d = amax/127 is subnormal (amax < 1.5e-36), can get other bytes.
+Subnormals: XLA on CPU flushes float32 subnormals to zero and ggml's C does not, so on CPU blocks
+holding subnormal values, or whose d = amax/127 is subnormal (amax < 1.5e-36), can get other bytes
+(XLA:GPU keeps subnormals).
 """
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-from numlab.formats._common import Unpacked, f16_bytes, f16_from_bytes
+from numlab.formats._common import Unpacked, div_rn, f16_bytes, f16_from_bytes
 
 BLOCK_SIZE = 32
 TYPE_SIZE = 34
@@ -39,8 +39,8 @@ def ggml_amax(x: jax.Array) -> jax.Array:
 def scale_and_codes(x: jax.Array):
     """float32 [..., nb, 32] -> (d float32 [..., nb], q int8 [..., nb, 32]): d = amax/127, q = roundf(x/d)."""
     amax = ggml_amax(x)
-    d = amax / lax.optimization_barrier(jnp.full(amax.shape, 127, jnp.float32))
-    inv = jnp.where(d != 0, jnp.float32(1) / lax.optimization_barrier(d), jnp.float32(0))
+    d = div_rn(amax, 127)
+    inv = jnp.where(d != 0, div_rn(1, d), jnp.float32(0))
     r = lax.round(x * inv[..., None], lax.RoundingMethod.AWAY_FROM_ZERO)
     return d, jnp.where(jnp.isfinite(r), r, 0).astype(jnp.int8)
 
