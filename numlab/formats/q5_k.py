@@ -7,8 +7,9 @@ ggml_quantize_chunk runs with no importance matrix) bit for bit; see kquant_sear
 roundings are kept identical under jit. Blocks holding a NaN or an infinity have no defined result
 in ggml (its nearest_int asserts |v| <= 4194303 in debug builds; release builds write finite
 garbage): here such a block becomes d = dmin = fp16 NaN with zero scales and codes, so it
-dequantizes to NaN and the bad value stays visible. XLA on CPU flushes float32 subnormals to zero,
-so blocks whose values or intermediates are subnormal (|x| below about 1e-30) can differ from ggml.
+dequantizes to NaN and the bad value stays visible.
+XLA on CPU flushes float32 subnormals to zero, so blocks of tiny values (|x| below about 1e-11,
+where ggml's weighted errors ~ x**3 turn subnormal) can differ from ggml.
 """
 import jax
 import jax.numpy as jnp
