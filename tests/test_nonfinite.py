@@ -50,8 +50,11 @@ def test_nan_norm_weight_reported_at_its_site(model):
 
 
 def test_nan_embedding_row_names_its_token(model):
-    emb = _set_q4k_scale(model.tensors["token_embd"], int(TOKENS[3]), F16_NAN)
-    assert first_nonfinite(_with(model, token_embd=emb), TOKENS, "f32") == ("token_embd", None, 3)
+    emb = _with(model, token_embd=_set_q4k_scale(model.tensors["token_embd"], int(TOKENS[3]), F16_NAN))
+    assert first_nonfinite(emb, TOKENS, "f32") == ("token_embd", None, 3)
+    prompts = np.stack([TOKENS[::-1], TOKENS])  # the bad token at position 2 in prompt 0, 3 in prompt 1
+    assert nonfinite_report(emb, prompts, {"low": "f32"}) == {
+        "low": {"site": "token_embd", "layer": None, "token": 2, "prompt": 0}}
 
 
 def test_inf_expert_counts_only_where_chosen(model):
@@ -72,4 +75,4 @@ def test_f16_overflow_only_under_f16_policy(model):
     q = np.asarray(forward(big, TOKENS, "f32", capture="attn_q").sites["attn_q"][1])
     assert np.isfinite(q).all() and np.abs(q).max() > 65504  # fine in f32, past f16's largest value
     report = nonfinite_report(big, TOKENS, {"low": "blk.1.attn_q_norm.dtype=f16", "ref": "f32"})
-    assert report == {"low": {"site": "blk.1.attn_q_norm", "layer": 1, "token": 0}, "ref": None}
+    assert report == {"low": {"site": "blk.1.attn_q_norm", "layer": 1, "token": 0, "prompt": 0}, "ref": None}

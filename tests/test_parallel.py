@@ -71,22 +71,37 @@ def results(devices):
 
 
 @pytest.fixture(scope="module")
-def four_devices(tmp_path_factory):
+def child(tmp_path_factory):
+    """The 4-device process, started first so that it runs alongside this one's 1-device results."""
     path = tmp_path_factory.mktemp("parallel") / "four.npz"
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
-    proc = subprocess.run([sys.executable, "-c", CHILD, os.path.dirname(__file__), str(path)],
-                          env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = subprocess.Popen([sys.executable, "-c", CHILD, os.path.dirname(__file__), str(path)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    yield proc, path
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.fixture(scope="module")
+def one_device(child):
+    return results(jax.devices()[:1])
+
+
+@pytest.fixture(scope="module")
+def four_devices(child, one_device):
+    proc, path = child
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
     with np.load(path) as z:
         return {k: z[k] for k in z.files}
 
 
-def test_four_devices_bit_identical_to_one(four_devices):
-    one = results(jax.devices()[:1])
-    assert set(one) == set(four_devices)
-    for k in one:
+def test_four_devices_bit_identical_to_one(four_devices, one_device):
+    assert set(one_device) == set(four_devices)
+    for k in one_device:
         if "shard_rows" not in k:
-            np.testing.assert_array_equal(four_devices[k], one[k], err_msg=k)
+            np.testing.assert_array_equal(four_devices[k], one_device[k], err_msg=k)
     assert four_devices["map_chunkNone_moe"].shape == (N, 64)
     assert four_devices["map_chunkNone_moe_f64"].dtype == np.float64
 

@@ -15,7 +15,7 @@ import numpy as np
 import numlab.formats as formats
 from numlab import policy as policy_lib
 from numlab.models.qwen3_moe import forward
-from numlab.models.sites import GLOBAL_SITES, LAYER_SITES
+from numlab.models.sites import GLOBAL_SITES, LAYER_SITES, site_names
 
 EMBEDDING = "token_embd"
 EXPERT_SITES = ("ffn_gate_exps", "ffn_up_exps", "silu", "ffn_down_exps")  # outputs [L, T, E, ...]
@@ -29,6 +29,11 @@ class NonFinite(NamedTuple):
     token: int
 
 
+def _row_names(config) -> tuple:
+    """Names of the flag rows: the embedding, then every site in forward order (site_names)."""
+    return (EMBEDDING,) + site_names(config)
+
+
 def _bad(a, lead: int):
     """True per leading index [..lead axes] where any element behind it is NaN or Inf."""
     return ~jnp.isfinite(a.reshape(a.shape[:lead] + (-1,))).all(axis=-1)
@@ -36,7 +41,7 @@ def _bad(a, lead: int):
 
 @functools.partial(jax.jit, static_argnames=("policy",))
 def _flags(model, tokens, policy):
-    """bool [1 + L*S + G, T]: embedding, per-layer sites (layer-major, forward order), global sites."""
+    """bool [1 + n_sites, T], rows as _row_names: embedding, per-layer sites layer-major, global sites."""
     trace = forward(model, tokens, policy, capture="*")
     emb = model.tensors[EMBEDDING]
     rows = [_bad(formats.dequantize(emb.data[tokens], emb.fmt), 1)[None]]
@@ -60,21 +65,24 @@ def first_nonfinite(model, tokens, policy) -> NonFinite | None:
     if hits.size == 0:
         return None
     row = int(hits[0])
-    token = int(np.argmax(flags[row]))
-    n_layer_rows = model.config.n_layers * len(LAYER_SITES)
-    if row == 0:
-        return NonFinite(EMBEDDING, None, token)
-    if row <= n_layer_rows:
-        layer, s = divmod(row - 1, len(LAYER_SITES))
-        return NonFinite(f"blk.{layer}.{LAYER_SITES[s][0]}", layer, token)
-    return NonFinite(GLOBAL_SITES[row - 1 - n_layer_rows][0], None, token)
+    site = _row_names(model.config)[row]
+    layer = int(site.split(".")[1]) if site.startswith("blk.") else None
+    return NonFinite(site, layer, int(np.argmax(flags[row])))
 
 
 def nonfinite_report(model, tokens, policies: dict) -> dict:
-    """{label: {"site", "layer", "token"} or None} of first_nonfinite for each labelled policy, for JSON
-    reports (e.g. policies={"low": low, "ref": ref})."""
+    """{label: {"site", "layer", "token", "prompt"} or None} for each labelled policy (e.g.
+    {"low": low, "ref": ref}): the earliest NaN/Inf site over the prompts of tokens int [T] or [P, T]
+    (ties: the first prompt), for JSON reports and the `--find_nonfinite` flag."""
+    prompts = np.asarray(tokens).reshape(-1, np.shape(tokens)[-1])
+    rank = {name: i for i, name in enumerate(_row_names(model.config))}
     out = {}
     for label, policy in policies.items():
-        hit = first_nonfinite(model, tokens, policy)
-        out[label] = None if hit is None else hit._asdict()
+        hits = [(rank[h.site], p, h) for p, t in enumerate(prompts)
+                if (h := first_nonfinite(model, t, policy)) is not None]
+        if not hits:
+            out[label] = None
+            continue
+        _, prompt, hit = min(hits, key=lambda x: x[:2])
+        out[label] = dict(hit._asdict(), prompt=prompt)
     return out
