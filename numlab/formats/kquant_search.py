@@ -12,8 +12,8 @@ fused multiply-add. XLA does two things that change those bits, and this module 
   that are exact in float32 (an fp16 value times a small integer), where fused and unfused
   results are the same number.
 * XLA's algebraic simplifier rewrites `a / broadcast(b)` into `a * broadcast(1 / b)` (two
-  roundings). `div` hands the divisor over as a full-shape array behind
-  `lax.optimization_barrier`, so the divide stays a correctly rounded IEEE division.
+  roundings), and XLA:GPU's float32 division is PTX `div.full` (up to 2 ulp off). `div` is
+  `div_rn`: a true IEEE division on CPU, an exact integer long division on other backends.
 
 Sums that ggml accumulates in a loop are spelled out element by element in the same order
 (`seq_sum`), never `jnp.sum`. The searches keep the summed element axis first and the blocks on
@@ -25,6 +25,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from numlab.formats._common import div_rn
+
 F32 = jnp.float32
 _MAGIC = np.float32(12582912.0)  # 1.5 * 2**23: adding it leaves round-half-even(v) in the low mantissa bits
 GROUP_MAX_EPS = np.float32(1e-15)
@@ -35,12 +37,7 @@ def mul(a: jax.Array, b: jax.Array, keep: jax.Array) -> jax.Array:
     return jnp.where(keep, a * b, a)
 
 
-def div(a, b) -> jax.Array:
-    """IEEE float32 `a / b` with broadcasting, kept a true division (no reciprocal-multiply rewrite)."""
-    a = jnp.asarray(a, F32)
-    b = jnp.asarray(b, F32)
-    shape = jnp.broadcast_shapes(a.shape, b.shape)
-    return a / lax.optimization_barrier(jnp.broadcast_to(b, shape))
+div = div_rn
 
 
 def nearest_int(v: jax.Array) -> jax.Array:
@@ -59,7 +56,7 @@ def once(v: jax.Array) -> jax.Array:
     five times per candidate) and may leave a transpose as a strided view; a division is an
     expensive op that XLA never duplicates, so it is materialised once.
     """
-    return div(v, F32(1))
+    return v / lax.optimization_barrier(jnp.ones_like(v))
 
 
 def seq_sum(terms: jax.Array, start=None) -> jax.Array:
