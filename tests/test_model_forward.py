@@ -135,6 +135,22 @@ def test_forced_experts_replay_the_free_run_and_steer_another(tiny, plain):
         forward(tiny, TOKENS, "f32", force_experts=low.topk_idx[:2])
 
 
+def test_noise_perturbs_the_mixed_site_at_the_given_precision(tiny, plain):
+    idx = site_index(tiny.config)
+    mix = jnp.zeros(len(idx)).at[idx["blk.1.attn_q"]].set(1)
+    run = lambda bits: forward(tiny, TOKENS, "f32", ref="f32", mix=mix, noise=(jax.random.key(0), bits),  # noqa: E731
+                               capture=("attn_q", "attn_k"))
+    noisy, exact = run(8.0), run(200.0)                         # 2^-200 vanishes in float32: no perturbation
+    np.testing.assert_allclose(exact.logits, plain["f32"].logits, rtol=0, atol=1e-6)
+    rel = np.abs(noisy.sites["attn_q"][1] / exact.sites["attn_q"][1] - 1)
+    assert 2 ** -10 < rel.max() <= 2 ** -8 * (1 + 1e-6)
+    np.testing.assert_array_equal(noisy.sites["attn_q"][0], exact.sites["attn_q"][0])
+    np.testing.assert_array_equal(noisy.sites["attn_k"][1], exact.sites["attn_k"][1])
+    assert not np.array_equal(noisy.logits, exact.logits)
+    with pytest.raises(ValueError, match="noise=.*give ref and mix"):
+        forward(tiny, TOKENS, "f32", noise=(jax.random.key(0), 8.0))
+
+
 def test_vmap_over_prompts_matches_single_runs(tiny, plain):
     prompts = np.stack([TOKENS, TOKENS[::-1]])
     per_prompt = jax.vmap(lambda t: forward(tiny, t, "f32").logits)(prompts)
@@ -185,3 +201,13 @@ def test_site_list_follows_the_config(tiny):
     assert list(kinds)[-2:] == ["output_norm", "output"]
     matvecs = [n for n, k in kinds.items() if k == "matvec"]
     assert all(n in tiny.tensors for n in matvecs)
+
+
+def test_synthetic_statistics_growth_outliers_and_small_margins(plain):
+    tr = plain["f32"]
+    norms = np.linalg.norm(np.asarray(tr.resid, np.float64), axis=-1).mean(-1)
+    assert np.all(np.diff(norms) > 0), norms                   # the residual stream grows over depth
+    channel_rms = np.sqrt(np.mean(np.asarray(tr.resid[-1], np.float64) ** 2, axis=0))
+    assert np.max(channel_rms) > 5 * np.median(channel_rms)     # a few outlier channels
+    margins = np.asarray(tr.margin)
+    assert np.median(margins) < 0.5 and np.mean(margins < 0.05) > 0.05, np.percentile(margins, [5, 50])

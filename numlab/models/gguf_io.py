@@ -46,8 +46,9 @@ def load_gguf(path) -> Model:
         tensors[name] = _tensor(path, _find(path, found, name, f"shape {list(shape)}"), name, shape)
     extra = sorted(set(found) - {n + ".weight" for n in tensors})
     if extra:
+        layer = ", ".join(config_lib.layer_tensor_shapes(config))
         raise GGUFError(f"{path}: tensor table: unexpected tensors {extra[:8]} (a qwen3moe file holds "
-                        f"token_embd, output_norm, output and blk.N.{{{', '.join(config_lib.layer_tensor_shapes(config))}}})")
+                        f"token_embd, output_norm, output and blk.N.{{{layer}}})")
     return Model(tensors=tensors, config=config)
 
 

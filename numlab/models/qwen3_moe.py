@@ -4,7 +4,9 @@ Plain run (`ref=None`): each site runs the policy's op. Analysis run (`ref` a Po
 over sites in `site_kinds` order): each site computes the reference op r and the low op l (the
 policy's) on the same input and passes on `r + mix[i] · stop_gradient(l − r)` in r's dtype, so the
 derivative is r's (straight-through) and d/d mix[i] is the local error l − r. The top-k expert choice
-is a step (no gradient through the choice); `force_experts` replays given choices.
+is a step (no gradient through the choice); `force_experts` replays given choices. With
+`noise=(key, bits)` (Monte Carlo arithmetic) the low op's output is perturbed before mixing:
+l·(1 + 2^-bits·u), u ~ U(-1, 1) per element, keyed by the site's mix index.
 
 Layers run under `lax.scan`. Layers whose weight formats and resolved site precisions (low and ref)
 agree form a *variant*; each variant's weights are stacked, and the scan body switches on the layer's
@@ -77,16 +79,19 @@ def check_model(model: Model) -> None:
             raise ValueError(f"tensor {name!r} has shape {got}, expected {shape}")
 
 
-def forward(model: Model, tokens, policy, *, ref=None, mix=None, force_experts=None, capture=()) -> Trace:
+def forward(model: Model, tokens, policy, *, ref=None, mix=None, force_experts=None, capture=(),
+            noise=None) -> Trace:
     """Causal prefill of tokens int [T] under `policy` (Policy, preset name or rule text); with `ref`
     and `mix` float [n_sites] an analysis run (module docstring). force_experts int [L, T, k] replaces
     the top-k choice. capture: site names (per-layer ones without the blk.{i}. prefix, or "*" for
-    all) whose outputs the Trace keeps."""
+    all) whose outputs the Trace keeps. noise: (PRNG key, bits) perturbs the low ops (analysis runs)."""
     cfg = model.config
     policy = policy_lib.get(policy)
     ref = None if ref is None else policy_lib.get(ref)
     if (ref is None) != (mix is None):
         raise ValueError("an analysis run needs both ref (a Policy) and mix (float [n_sites]); a plain run neither")
+    if noise is not None and ref is None:
+        raise ValueError("noise=(key, bits) perturbs the low ops of an analysis run: give ref and mix too")
     n_sites = len(site_kinds(cfg))
     if mix is not None and jnp.shape(mix) != (n_sites,):
         raise ValueError(f"mix must have shape ({n_sites},) (one entry per site, sites.site_kinds order), "
@@ -107,7 +112,7 @@ def forward(model: Model, tokens, policy, *, ref=None, mix=None, force_experts=N
     for p in (policy, ref):
         if p is not None:
             _resolve(p, cfg, fmts)
-    return _forward(model, jnp.asarray(tokens, jnp.int32), mix, force_experts,
+    return _forward(model, jnp.asarray(tokens, jnp.int32), mix, force_experts, noise,
                     policy=policy, ref=ref, capture=_capture_names(capture))
 
 
@@ -131,24 +136,36 @@ def _capture_names(capture) -> tuple:
 
 
 class _Sites:
-    """Runs named sites: the low op alone (plain run) or ref and low mixed (analysis run)."""
+    """Runs named sites: the low op alone (plain run) or ref and low mixed (analysis run). `first`: the
+    mix index of the first site (noise keys fold in the site's mix index)."""
 
-    def __init__(self, low, ref, mix, capture):
-        self.low, self.ref, self.mix, self.capture = low, ref, mix, capture
+    def __init__(self, low, ref, mix, capture, noise=None, first=0):
+        self.low, self.ref, self.mix, self.capture, self.noise, self.first = low, ref, mix, capture, noise, first
         self.index = {name: i for i, name in enumerate(low)}
         self.record = {}
 
     def __call__(self, name, op):
         """op(**fields) computes the site's output under the given precision fields. Where low and ref
-        fields agree the local error is zero by definition: the op runs once (two copies of one op
-        can round differently where the compiler fuses them differently)."""
+        fields agree (and no noise) the local error is zero by definition: the op runs once (two copies
+        of one op can round differently where the compiler fuses them differently)."""
         y = op(**self.low[name])
-        if self.ref is not None and self.ref[name] != self.low[name]:
-            r = op(**self.ref[name])
-            y = r + self.mix[self.index[name]].astype(r.dtype) * lax.stop_gradient(y.astype(r.dtype) - r)
+        if self.ref is not None:
+            same = self.ref[name] == self.low[name]
+            r = y if same else op(**self.ref[name])
+            if self.noise is not None:
+                key, bits = self.noise
+                y = _perturb(y, jax.random.fold_in(key, self.first + self.index[name]), bits)
+            if self.noise is not None or not same:
+                y = r + self.mix[self.index[name]].astype(r.dtype) * lax.stop_gradient(y.astype(r.dtype) - r)
         if name in self.capture:
             self.record[name] = y
         return y
+
+
+def _perturb(y, key, bits):
+    """y·(1 + 2^-bits·u), u ~ U(-1, 1) per element, in y's dtype (Monte Carlo arithmetic at `bits`)."""
+    u = jax.random.uniform(key, y.shape, y.dtype, -1.0, 1.0)
+    return y * (1 + jnp.exp2(-jnp.asarray(bits, y.dtype)) * u)
 
 
 def _add(a, b, dtype):
@@ -223,7 +240,7 @@ def _stack(tensors):
 
 
 @functools.partial(jax.jit, static_argnames=("policy", "ref", "capture"))
-def _forward(model, tokens, mix, force_experts, *, policy, ref, capture):
+def _forward(model, tokens, mix, force_experts, noise, *, policy, ref, capture):
     cfg = model.config
     fmts = model.formats()
     low = _resolve(policy, cfg, tuple(sorted(fmts.items())))
@@ -240,9 +257,9 @@ def _forward(model, tokens, mix, force_experts, *, policy, ref, capture):
         fields = lambda res: None if res is None else {s: res[f"blk.{first}.{s}"] for s, _ in LAYER_SITES}  # noqa: E731
         layer_capture = tuple(n for n in capture if n in LAYER_KINDS)
 
-        def run(x, p, m, forced):
+        def run(x, layer, p, m, forced):
             w = jax.tree.map(lambda a: a[p], stacked)
-            site = _Sites(fields(low), fields(hi), m, layer_capture)
+            site = _Sites(fields(low), fields(hi), m, layer_capture, noise, layer * n_layer_sites)
             x, outs = _layer(cfg, w, x, forced, site)
             return x.astype(carry), dict(outs, sites=site.record)
         return run
@@ -252,20 +269,20 @@ def _forward(model, tokens, mix, force_experts, *, policy, ref, capture):
     m_layers = None if mix is None else mix[: cfg.n_layers * n_layer_sites].reshape(cfg.n_layers, n_layer_sites)
     forced0 = None if force_experts is None else force_experts[0]
     m0 = None if m_layers is None else m_layers[0]
-    shapes = [jax.eval_shape(b, x0, 0, m0, forced0) for b in branches]
+    shapes = [jax.eval_shape(b, x0, 0, 0, m0, forced0) for b in branches]
     joined = jax.tree.map(lambda *s: jnp.result_type(*[a.dtype for a in s]), *shapes)
     cast = lambda out: jax.tree.map(lambda a, dt: a.astype(dt), out, joined)  # noqa: E731
     branches = [lambda *a, b=b: cast(b(*a)) for b in branches]
 
     def body(x, xs):
-        v, p, m, forced = xs
-        x, outs = lax.switch(v, branches, x, p, m, forced)
+        v, layer, p, m, forced = xs
+        x, outs = lax.switch(v, branches, x, layer, p, m, forced)
         return x, dict(outs, resid=x)
 
-    x, per_layer = lax.scan(body, x0, (vid, pos, m_layers, force_experts))
+    x, per_layer = lax.scan(body, x0, (vid, np.arange(cfg.n_layers, dtype=np.int32), pos, m_layers, force_experts))
     m_glob = None if mix is None else mix[cfg.n_layers * n_layer_sites:]
     site = _Sites({n: low[n] for n in GLOBAL_KINDS}, None if hi is None else {n: hi[n] for n in GLOBAL_KINDS},
-                  m_glob, capture)
+                  m_glob, capture, noise, cfg.n_layers * n_layer_sites)
     h = site("output_norm", lambda **p: rmsnorm(x, model.tensors["output_norm"], cfg.rms_eps, **p))
     logits = site("output", lambda **p: qmatvec(model.tensors["output"], h, **p))
     return Trace(logits=logits, resid=per_layer["resid"], router_logits=per_layer["router_logits"],
