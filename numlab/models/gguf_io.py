@@ -41,6 +41,10 @@ def load_gguf(path) -> Model:
         config = config_lib.from_gguf_metadata(values, vocab=int(embd.shape[1]) if len(embd.shape) > 1 else 0)
     except ValueError as e:
         raise GGUFError(f"{path}: metadata: {e}") from e
+    blocks = {name.split(".")[1] for name in found if name.startswith("blk.")}
+    if config.n_layers > len(blocks):  # checked before tensor_shapes loops over a hostile layer count
+        raise GGUFError(f"{path}: metadata '{config_lib.METADATA['n_layers'][0]}': {config.n_layers} layers, "
+                        f"but the tensor table holds blk.N tensors for {len(blocks)}")
     tensors = {}
     for name, shape in config_lib.tensor_shapes(config).items():
         tensors[name] = _tensor(path, _find(path, found, name, f"shape {list(shape)}"), name, shape)
