@@ -12,9 +12,17 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
+import numlab.formats as formats
 from numlab.errors import GGUFError
+from numlab.formats import QTensor
+from numlab.models import config as config_lib
 from numlab.models.gguf_check import MAX_METADATA_ELEMENTS, open_gguf, require_kv
+from numlab.models.gguf_io import load_gguf, save_gguf
+from numlab.models.qwen3_moe import Model, check_model
+from numlab.models.synthetic import q4_k_m_format
 
+MODEL_CONFIG = config_lib.Qwen3MoeConfig(n_layers=1, d_model=256, n_heads=4, n_kv_heads=2, head_dim=64,
+                                         n_experts=2, n_experts_used=1, d_expert=256, vocab=16)
 Q = gguf.GGMLQuantizationType
 V = gguf.GGUFValueType
 KINDS = {"general.architecture": str, "t.block_count": int, "t.i8": int, "t.i32": int, "t.u64": int,
@@ -46,10 +54,9 @@ def _write_valid(path):
     w.close()
 
 
-def _valid(tmp_root):
-    """Bytes of the valid file and the (offset, width) of every parsed header/metadata/table field."""
-    path = f"{tmp_root}/valid.gguf"
-    _write_valid(path)
+def _parsed(path):
+    """(bytes of the valid file at path, (offset, width) of every parsed header/metadata/table field,
+    offset of the tensor data)."""
     reader = open_gguf(path)
     base = reader.data.ctypes.data
     parts = [p for f in reader.fields.values() for p in f.parts]
@@ -57,18 +64,20 @@ def _valid(tmp_root):
     fields = sorted({(p.ctypes.data - base, p.dtype.itemsize if p.dtype.itemsize > 1 else p.nbytes)
                      for p in parts if p.nbytes})
     with open(path, "rb") as f:
-        return f.read(), tuple(fields)
+        return f.read(), tuple(fields), reader.data_offset
 
 
 INTERESTING = (0, 1, 2, 3, 4, 5, 7, 8, 9, 12, 13, 16, 31, 32, 33, 255, 256, 2**16 - 1, 2**31 - 1, 2**31,
                2**32 - 1, 2**32, 2**40, 2**53, 2**62, 2**63 - 1, 2**63, 2**64 - 1)
 
 
-def _mutations(n, fields):
-    pos = st.integers(0, n - 1)
+def _mutations(n, fields, span):
+    """Byte flips, truncations, overwritten parsed fields, inserted and deleted bytes; positions
+    other than truncations fall in the first `span` bytes."""
+    pos = st.integers(0, min(n, span) - 1)
     return st.one_of(
         st.tuples(st.just("flip"), pos, st.integers(1, 255)),
-        st.tuples(st.just("truncate"), pos),
+        st.tuples(st.just("truncate"), st.integers(0, n - 1)),
         st.tuples(st.just("field"), st.sampled_from(fields),
                   st.one_of(st.sampled_from(INTERESTING), st.integers(0, 2**64 - 1)),
                   st.sampled_from((0, 1, -1))),
@@ -103,14 +112,14 @@ def _alarm(signum, frame):
     raise _Hang("open_gguf ran past 5 s")
 
 
-def test_fuzz_corrupted_variants(tmp_path):
-    data, fields = _valid(str(tmp_path))
-    stats = collections.Counter()
-    others, seen, slowest = [], set(), [0.0]
+def _fuzz(tmp_path, data, fields, open_and_check, n_examples, span):
+    """Run open_and_check(path) on corrupted variants of data; returns (stats, distinct variants,
+    non-numlab exceptions, slowest case in seconds)."""
+    stats, others, seen, slowest = collections.Counter(), [], set(), [0.0]
     old = signal.signal(signal.SIGALRM, _alarm)
 
-    @settings(max_examples=3000)
-    @given(st.lists(_mutations(len(data), fields), min_size=1, max_size=3))
+    @settings(max_examples=n_examples)
+    @given(st.lists(_mutations(len(data), fields, span), min_size=1, max_size=3))
     def one_case(muts):
         variant = _apply(data, muts)
         seen.add(variant)
@@ -119,19 +128,13 @@ def test_fuzz_corrupted_variants(tmp_path):
         t0 = time.perf_counter()
         signal.setitimer(signal.ITIMER_REAL, 5.0)
         try:
-            reader = open_gguf(path)
-            for t in reader.tensors:
-                assert t.data_offset + t.n_bytes <= len(variant) and t.data.nbytes == t.n_bytes
-            for key, kind in KINDS.items():
-                try:
-                    require_kv(reader, key, kind)
-                except GGUFError:
-                    stats["require_kv GGUFError"] += 1
+            open_and_check(path, variant, stats)
             stats["accepted"] += 1
         except GGUFError as e:
             stats["fallback" if ": gguf reader:" in str(e) else "GGUFError"] += 1
             stats["GGUFError " + str(e)[len(str(path)) + 2:].split()[0]] += 1
-            assert str(path) in str(e)
+            if not str(e).startswith(f"{path}: "):
+                others.append(f"{muts}: message does not start with the file: {e}")
         except Exception as e:  # noqa: BLE001 - the fuzz counts every other exception
             others.append(f"{muts}: {type(e).__name__}: {e}")
         finally:
@@ -143,12 +146,62 @@ def test_fuzz_corrupted_variants(tmp_path):
         one_case()
     finally:
         signal.signal(signal.SIGALRM, old)
-    print(f"\nfuzz: {len(seen)} distinct variants, {dict(stats)}, slowest case {slowest[0] * 1e3:.1f} ms")
+    return stats, len(seen), others, slowest[0]
+
+
+def _open_and_require(path, variant, stats):
+    reader = open_gguf(path)
+    for t in reader.tensors:
+        assert t.data_offset + t.n_bytes <= len(variant) and t.data.nbytes == t.n_bytes
+    for key, kind in KINDS.items():
+        try:
+            require_kv(reader, key, kind)
+        except GGUFError:
+            stats["require_kv GGUFError"] += 1
+
+
+def test_fuzz_open_gguf(tmp_path):
+    _write_valid(tmp_path / "valid.gguf")
+    data, fields, _ = _parsed(tmp_path / "valid.gguf")
+    stats, distinct, others, slowest = _fuzz(tmp_path, data, fields, _open_and_require, 3000, len(data))
+    print(f"\nopen_gguf fuzz: {distinct} distinct variants, {dict(stats)}, slowest case {slowest * 1e3:.1f} ms")
     assert others == [], f"{len(others)} non-numlab exceptions, e.g. {others[:3]}"
-    assert len(seen) >= 1000
+    assert distinct >= 1000
     assert stats["fallback"] == 0, "GGUFReader failed on a file the pre-scan passed"
     assert stats["GGUFError"] >= 1000 and stats["accepted"] >= 100
-    assert slowest[0] < 1.0
+    assert slowest < 2.0
+
+
+def _write_model(path):
+    """A 1-layer Qwen3-MoE GGUF with the Q4_K_M type mix and random weight bytes (loading reads no values)."""
+    rng = np.random.default_rng(0)
+    tensors = {}
+    for name, shape in config_lib.tensor_shapes(MODEL_CONFIG).items():
+        if len(shape) == 1:
+            tensors[name] = np.ones(shape, np.float32)
+            continue
+        fmt = q4_k_m_format(name, MODEL_CONFIG)
+        raw = rng.integers(0, 256, shape[:-1] + (formats.row_bytes(fmt, shape[-1]),), dtype=np.uint8)
+        tensors[name] = QTensor.from_bytes(raw, fmt, shape[-2:])
+    save_gguf(Model(tensors=tensors, config=MODEL_CONFIG), path)
+
+
+def _load_and_check(path, variant, stats):
+    model = load_gguf(path)
+    check_model(model)
+    assert model.config.n_layers == MODEL_CONFIG.n_layers
+
+
+def test_fuzz_load_gguf(tmp_path):
+    """The model loader on corrupted qwen3moe files: GGUFError or a model that matches its config."""
+    path = tmp_path / "model.gguf"
+    _write_model(path)
+    data, fields, data_offset = _parsed(path)
+    stats, distinct, others, slowest = _fuzz(tmp_path, data, fields, _load_and_check, 1000, data_offset + 64)
+    print(f"\nload_gguf fuzz: {distinct} distinct variants, {dict(stats)}, slowest case {slowest * 1e3:.1f} ms")
+    assert others == [], f"{len(others)} non-numlab exceptions, e.g. {others[:3]}"
+    assert distinct >= 800 and stats["GGUFError"] >= 500 and stats["fallback"] == 0
+    assert slowest < 2.0
 
 
 # --- hand-built files, one per failure class -------------------------------------------------------
