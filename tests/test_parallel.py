@@ -12,7 +12,7 @@ import pytest
 
 from numlab import ops
 from numlab.formats import QTensor
-from numlab.parallel import place_experts, sharded_map
+from numlab.parallel import place_experts, sharded, sharded_map
 
 CHILD = """
 import os, sys
@@ -142,3 +142,16 @@ def test_sharded_map_rejects_ragged_batch():
 def test_place_experts_rejects_leaf_without_expert_axis():
     with pytest.raises(ValueError, match="ffn_up_exps"):
         place_experts({"ffn_up_exps": jnp.zeros((4, 4))})
+
+
+def test_sharded_reuses_one_program_across_chunks():
+    traces = []
+
+    def fn(e, s):
+        traces.append(1)
+        return e * s
+    apply = sharded(fn, block=4)
+    a = apply(np.arange(10.0), 3.0)
+    b = apply(np.arange(10.0, 20.0), 3.0)
+    np.testing.assert_array_equal(np.concatenate([a, b]), np.arange(20.0) * 3)
+    assert len(traces) == 1
