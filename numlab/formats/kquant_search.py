@@ -196,6 +196,24 @@ def unpack_scales(packed: jax.Array):
     return scales, mins
 
 
+def check_blocks(a: jax.Array, last: int, fmt: str, what: str) -> None:
+    """ValueError unless `a` has shape [..., nb, last]."""
+    if a.ndim < 2 or a.shape[-1] != last:
+        raise ValueError(f"{fmt} {what} must have shape [..., nb, {last}], got {a.shape}")
+
+
+def dequantize_with_mins(u) -> jax.Array:
+    """Q4_K/Q5_K values (d*sc)*q - dmin*m, float32 [..., nb, 256], from their Unpacked fields.
+
+    d*sc and (d*sc)*q are exact in float32 (11 + 6 + 5 bits at most), so a fused multiply-subtract
+    gives the same bits as ggml's two roundings in dequantize_row_q{4,5}_K.
+    """
+    d1 = u.d[..., None] * u.scales.astype(F32)
+    m1 = u.dmin[..., None] * u.mins.astype(F32)
+    q = u.q.astype(F32).reshape(u.q.shape[:-1] + (8, 32))
+    return (d1[..., None] * q - m1[..., None]).reshape(u.q.shape)
+
+
 def mark_non_finite(blocks: jax.Array, x: jax.Array, marker) -> jax.Array:
     """blocks uint8 [m, type_size] with the bytes `marker` where x[m, 256] holds a NaN or an infinity."""
     bad = ~jnp.all(jnp.isfinite(x), axis=-1)

@@ -23,15 +23,10 @@ GGML_TYPE = 12
 _NAN_MARKER = (0x00, 0x7E, 0x00, 0x7E) + (0,) * (TYPE_SIZE - 4)  # d = dmin = fp16 NaN
 
 
-def _check(a, last: int, what: str):
-    if a.ndim < 2 or a.shape[-1] != last:
-        raise ValueError(f"q4_k {what} must have shape [..., nb, {last}], got {a.shape}")
-
-
 def quantize_blocks(x: jax.Array) -> jax.Array:
     """float32 [..., nb, 256] -> uint8 [..., nb, 144], ggml's quantize_row_q4_K_ref bytes."""
     x = jnp.asarray(x)
-    _check(x, BLOCK_SIZE, "input")
+    ks.check_blocks(x, BLOCK_SIZE, "q4_k", "input")
     if x.dtype != jnp.float32:
         raise TypeError(f"q4_k quantize expects float32, got {x.dtype}")
     flat = x.reshape(-1, BLOCK_SIZE)
@@ -45,7 +40,7 @@ def quantize_blocks(x: jax.Array) -> jax.Array:
 def unpack_blocks(raw: jax.Array) -> Unpacked:
     """uint8 [..., nb, 144] -> codes 0..15 [..., nb, 256], 6-bit scales/mins [..., nb, 8], d, dmin."""
     raw = jnp.asarray(raw)
-    _check(raw, TYPE_SIZE, "data")
+    ks.check_blocks(raw, TYPE_SIZE, "q4_k", "data")
     scales, mins = ks.unpack_scales(raw[..., 4:16])
     qs = raw[..., 16:].astype(jnp.int32).reshape(raw.shape[:-1] + (4, 1, 32))
     q = (qs >> jnp.array([0, 4], jnp.int32)[:, None]) & 0xF
@@ -54,13 +49,5 @@ def unpack_blocks(raw: jax.Array) -> Unpacked:
 
 
 def dequantize_blocks(raw: jax.Array) -> jax.Array:
-    """uint8 [..., nb, 144] -> float32 [..., nb, 256]: (d*sc)*q - dmin*m as dequantize_row_q4_K.
-
-    d*sc and (d*sc)*q are exact in float32 (11 + 6 + 4 bits), so a fused multiply-subtract
-    gives the same bits as ggml's two roundings.
-    """
-    u = unpack_blocks(raw)
-    d1 = u.d[..., None] * u.scales.astype(jnp.float32)
-    m1 = u.dmin[..., None] * u.mins.astype(jnp.float32)
-    q = u.q.astype(jnp.float32).reshape(u.q.shape[:-1] + (8, 32))
-    return (d1[..., None] * q - m1[..., None]).reshape(u.q.shape)
+    """uint8 [..., nb, 144] -> float32 [..., nb, 256]: (d*sc)*q - dmin*m, as dequantize_row_q4_K."""
+    return ks.dequantize_with_mins(unpack_blocks(raw))

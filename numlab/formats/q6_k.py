@@ -29,11 +29,6 @@ _NMAX = 32
 _NAN_MARKER = (0,) * (TYPE_SIZE - 2) + (0x00, 0x7E)  # d = fp16 NaN
 
 
-def _check(a, last: int, what: str):
-    if a.ndim < 2 or a.shape[-1] != last:
-        raise ValueError(f"q6_k {what} must have shape [..., nb, {last}], got {a.shape}")
-
-
 def _first_absmax(v):
     """ggml's running `if (|v_i| > amax) {amax = |v_i|; max = v_i}` from 0 over axis 0: (amax, max).
 
@@ -94,7 +89,7 @@ def make_qx_quants(x, keep):
 def quantize_blocks(x: jax.Array) -> jax.Array:
     """float32 [..., nb, 256] -> uint8 [..., nb, 210], ggml's quantize_row_q6_K_ref bytes."""
     x = jnp.asarray(x)
-    _check(x, BLOCK_SIZE, "input")
+    ks.check_blocks(x, BLOCK_SIZE, "q6_k", "input")
     if x.dtype != jnp.float32:
         raise TypeError(f"q6_k quantize expects float32, got {x.dtype}")
     flat = x.reshape(-1, BLOCK_SIZE)
@@ -137,7 +132,7 @@ def quantize_blocks(x: jax.Array) -> jax.Array:
 def unpack_blocks(raw: jax.Array) -> Unpacked:
     """uint8 [..., nb, 210] -> codes -32..31 [..., nb, 256], int8 scales [..., nb, 16], d; no mins."""
     raw = jnp.asarray(raw)
-    _check(raw, TYPE_SIZE, "data")
+    ks.check_blocks(raw, TYPE_SIZE, "q6_k", "data")
     lead = raw.shape[:-1]
     ql = raw[..., :128].astype(jnp.int32).reshape(lead + (2, 2, 32))            # [.., half, j, i]
     qh = raw[..., 128:192].astype(jnp.int32).reshape(lead + (2, 1, 32))
