@@ -54,7 +54,8 @@ def layer_bits(diffs, exact, max_bits: float = 53.0) -> dict:
 def topk_change_probability(topk_samples, topk_exact):
     """Per layer, the share of (sample, token) whose top-k expert set differs from the unperturbed
     run's: topk_samples int [K, L, T, k], topk_exact [L, T, k] -> [L]."""
-    changed = np.asarray(metrics.swaps(jnp.asarray(topk_exact)[None], jnp.asarray(topk_samples))) > 0
+    samples = jnp.asarray(topk_samples)
+    changed = np.asarray(metrics.swaps(jnp.broadcast_to(jnp.asarray(topk_exact), samples.shape), samples)) > 0
     return changed.mean(axis=(0, 2))
 
 

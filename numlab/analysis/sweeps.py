@@ -864,7 +864,7 @@ def mca_model(cfg, ctx: Context) -> dict:
                           "p_topk_change_max": max(v["p_topk_change"]),
                           "first_layer_p_change_gt_0": next((i for i, p in enumerate(v["p_topk_change"]) if p > 0), None)}
                for b, v in by_bits.items()}
-    measured = "; ".join(f"t={b}: last layer s {f['bits_last_layer']:.1f} bits, max P(top-k change) "
+    measured = "; ".join(f"{b}: last layer s {f['bits_last_layer']:.1f} bits, max P(top-k change) "
                          f"{f['p_topk_change_max']:.3f}" for b, f in figures.items())
     return {"figures": figures, "measured": measured, "verdict": "measured",
             "data": {"sites": list(cfg.sites), "ref": cfg.ref, "layers": layers, "by_bits": by_bits},
