@@ -1,0 +1,167 @@
+"""In-kernel decoders of GGML weight blocks, read from the flat byte array of a QTensor.
+
+Every format is read in chunks of 256 values (one q4_k/q5_k/q6_k super-block, eight q8_0 blocks),
+each chunk as 8 groups of 32 values: group g holds chunk values 32g .. 32g + 31, the span of one
+Q8_1 activation block. The groups come in two parts of four whose code bytes lie together in memory
+(q4_k: the low nibbles of its four 32-byte runs are groups 0, 2, 4, 6, the high nibbles 1, 3, 5, 7),
+so a part is loaded as one [rows, 4, 32] tensor of contiguous runs. All arithmetic is integer (exact)
+except the fp16 fields, which are read bit for bit. Shapes are powers of two (Triton).
+"""
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+CHUNK = 256
+GROUP = 32
+GROUPS = CHUNK // GROUP
+PARTS = 2
+GROUPS_PER_PART = GROUPS // PARTS
+CHUNK_BYTES = {"q4_k": 144, "q5_k": 176, "q6_k": 210, "q8_0": 272}
+_BIAS = {"q4_k": 0, "q5_k": 0, "q6_k": 32, "q8_0": 128}   # level + bias >= 0
+
+
+@dataclasses.dataclass
+class Groups:
+    """Decoded groups of one part, for rows R and groups G: codes int32 [R, G, 32] = unit · level
+    (unit 1, or 16 for high nibbles left in place by decode(..., scaled=True)), g int32 [1, G, 1] (group
+    index in the chunk), d float32 [R, 1, 1] (q8_0: [R, G, 1]), isc int32 [R, G, 1] (integer scale; q6_k:
+    of the group's first 16 values, isc2 of its last 16, else isc2 is None), dmin float32 [R, 1, 1] and
+    imin int32 [R, G, 1] for formats with mins, else None."""
+
+    codes: jax.Array
+    unit: int
+    g: jax.Array
+    d: jax.Array
+    isc: jax.Array
+    isc2: jax.Array | None
+    dmin: jax.Array | None
+    imin: jax.Array | None
+
+    def scale_of_values(self):
+        """int32 integer scale of every value: [R, G, 1], or [R, G, 32] where it changes mid-group."""
+        if self.isc2 is None:
+            return self.isc
+        return jnp.where(_iota((1, 1, GROUP), 2) < GROUP // 2, self.isc, self.isc2)
+
+
+def _iota(shape, dim):
+    return lax.broadcasted_iota(jnp.int32, shape, dim)
+
+
+def _u8(ref, offsets):
+    """Bytes of the flat uint8 ref at int32 offsets, as int32 0..255."""
+    return ref[offsets].astype(jnp.int32)
+
+
+def _f16(ref, offsets):
+    """The little-endian fp16 field at byte offsets, as float32 (exact)."""
+    bits = _u8(ref, offsets) | (_u8(ref, offsets + 1) << 8)
+    return lax.bitcast_convert_type(bits.astype(jnp.uint16), jnp.float16).astype(jnp.float32)
+
+
+def _i8(byte):
+    """int32 0..255 read as a signed byte."""
+    return byte - ((byte >> 7) << 8)
+
+
+def group_index(fmt: str, part: int, s0: int, ns: int):
+    """int32 [1, ns, 1]: chunk group of groups s0 .. s0 + ns - 1 of `part` (as decode's Groups.g)."""
+    return _GROUP_OF[fmt](_iota((1, ns, 1), 1) + s0, part)
+
+
+_GROUP_OF = {
+    "q4_k": lambda s, part: 2 * s + part,                     # run c = s: low nibbles 2c, high 2c + 1
+    "q5_k": lambda s, part: 2 * s + part,
+    "q6_k": lambda s, part: 4 * (s // 2) + s % 2 + 2 * part,  # low nibbles: quarters 0, 1; high: 2, 3
+    "q8_0": lambda s, part: GROUPS_PER_PART * part + s,
+}
+
+
+def decode(fmt: str, ref, base, part: int, s0: int, ns: int, scaled: bool = False) -> Groups:
+    """Groups s0 .. s0 + ns - 1 of `part` of the chunks starting at byte offsets base int32 [R].
+
+    scaled: leave high nibbles in place (codes = 16 · level, one mask instead of a shift), for the
+    float path, which folds the 1/16 into the scale exactly. Each decoder loads its codes last:
+    Triton propagates the register layout of the last load of a chain first, so the [R, G, 32] code
+    bytes, not a [R, G, 1] scale, fix the layout of the math."""
+    b3 = base[:, None, None]
+    s = _iota((1, ns, 1), 1) + s0
+    i = _iota((1, 1, GROUP), 2)
+    return _DECODERS[fmt](ref, b3, s, i, _GROUP_OF[fmt](s, part), part, scaled and part == 1)
+
+
+def _nibble(byte, high: bool, scaled: bool):
+    """Low nibble, or high nibble (scaled: kept in place, 16 · nibble) of int32 bytes 0..255."""
+    if not high:
+        return byte & 15
+    return byte & 0xF0 if scaled else byte >> 4
+
+
+def _kquant_scales(ref, b3, j):
+    """q4_k / q5_k 6-bit scale and min of sub-block j int32 [1, G, 1] (12 packed bytes at offset 4)."""
+    low = j < 4
+    a = _u8(ref, b3 + 4 + jnp.where(low, j, j + 4))
+    b = _u8(ref, b3 + 4 + jnp.where(low, j + 4, j - 4))
+    c = _u8(ref, b3 + 4 + j)
+    sc = jnp.where(low, a & 63, (a & 15) | ((b >> 6) << 4))
+    mn = jnp.where(low, b & 63, (a >> 4) | ((c >> 6) << 4))
+    return sc, mn
+
+
+def _q4_k(ref, b3, s, i, g, part, scaled):
+    sc, mn = _kquant_scales(ref, b3, g)
+    d, dmin = _f16(ref, b3), _f16(ref, b3 + 2)
+    q = _nibble(_u8(ref, b3 + 16 + GROUP * s + i), part == 1, scaled)
+    return Groups(q, 16 if scaled else 1, g, d, sc, None, dmin, mn)
+
+
+def _q5_k(ref, b3, s, i, g, part, scaled):
+    sc, mn = _kquant_scales(ref, b3, g)
+    d, dmin = _f16(ref, b3), _f16(ref, b3 + 2)
+    unit = 16 if scaled else 1
+    high = (_u8(ref, b3 + 16 + i + 0 * s) >> g) & 1     # bit g of qh[i]: fifth bit of value 32g + i
+    low = _nibble(_u8(ref, b3 + 48 + GROUP * s + i), part == 1, scaled)
+    return Groups(low | (high << 4) * unit, unit, g, d, sc, None, dmin, mn)
+
+
+def _q6_k(ref, b3, s, i, g, part, scaled):
+    h, j = s // 2, s % 2                                  # half of 128 values, 32-run within it
+    sc_a = _i8(_u8(ref, b3 + 192 + 2 * g))                # int8 scale of values 32g .. 32g + 15
+    sc_b = _i8(_u8(ref, b3 + 193 + 2 * g))                # and of 32g + 16 .. 32g + 31
+    d = _f16(ref, b3 + 208)
+    unit = 16 if scaled else 1
+    high = (_u8(ref, b3 + 128 + GROUP * h + i) >> (2 * (j + 2 * part))) & 3
+    low = _nibble(_u8(ref, b3 + 64 * h + GROUP * j + i), part == 1, scaled)
+    return Groups((low | (high << 4) * unit) - 32 * unit, unit, g, d, sc_a, sc_b, None, None)
+
+
+def _q8_0(ref, b3, s, i, g, part, scaled):
+    d = _f16(ref, b3 + 34 * g)
+    q = _i8(_u8(ref, b3 + 34 * g + 2 + i))
+    return Groups(q, 1, g, d, jnp.ones_like(d, jnp.int32), None, None, None)
+
+
+_DECODERS = {"q4_k": _q4_k, "q5_k": _q5_k, "q6_k": _q6_k, "q8_0": _q8_0}
+
+
+def codes_f32(fmt: str, grp: Groups):
+    """float32 codes, exactly: the bits of 2^23 + (codes + bias) less 2^23 + bias (an integer or and
+    a float subtract, cheaper on the GPU than an int-to-float conversion)."""
+    b = _BIAS[fmt] * grp.unit
+    return (lax.bitcast_convert_type((grp.codes + b) | 0x4B000000, jnp.float32)
+            - jnp.float32((1 << 23) + b))
+
+
+def dequantized(fmt: str, grp: Groups):
+    """float32 [R, G, 32] weights exactly as numlab.formats dequantizes them: (d·sc)·q − dmin·m
+    (k-quants; d·sc and (d·sc)·q are exact, as is the power-of-two 1/unit, so the value does not
+    depend on rounding order or fused multiply-adds), q·d (q8_0)."""
+    q = codes_f32(fmt, grp)
+    if fmt == "q8_0":
+        return q * grp.d
+    w = (grp.d * grp.scale_of_values().astype(jnp.float32)) * jnp.float32(1 / grp.unit) * q
+    if grp.dmin is not None:
+        w = w - grp.dmin * grp.imin.astype(jnp.float32)
+    return w

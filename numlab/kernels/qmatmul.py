@@ -1,0 +1,320 @@
+"""Grouped quantized matrix products as one Pallas (Triton) kernel.
+
+y[p, r] = sum_c W_e[r, c] · x[p, c] for activation rows p grouped in tiles of `tokens` rows, each
+tile multiplying one weight matrix e of a stack (the experts of a MoE layer; a plain matrix is a
+stack of one). A program computes `rows` outputs of one tile over a share of the columns, reading
+the weights' GGML bytes once and decoding them in registers (numlab.kernels.layouts).
+
+Activation modes, with the arithmetic of numlab.ops.qmatvec's reference (the same function up to
+float rounding; the dequantized weights are bit-identical):
+- f32 / bf16 / f16: x rounded to that dtype, float32 products and sums with the exactly dequantized
+  weights. One token per tile: elementwise multiply-adds; 16 or more: a dot (`Config.dot`).
+- q8_1 / q8_0 / q8_k: x quantized by numlab's codec outside the kernel; exact int32 dots of codes per
+  group of 32 (tensor-core int8 dots for 16 or more tokens), then the reference's float scaling.
+Accumulation is float32.
+"""
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+import numlab.formats as formats
+from numlab.kernels import layouts
+from numlab.kernels.layouts import CHUNK, GROUP, GROUPS
+
+FLOAT_ACTS = ("f32", "bf16", "f16")
+INT_ACTS = {"q4_k": ("q8_k", "q8_1"), "q5_k": ("q8_k", "q8_1"), "q6_k": ("q8_k", "q8_1"),
+            "q8_0": ("q8_1", "q8_0")}
+DOTS = {"f32": (lax.Precision.HIGHEST, lax.Precision.HIGHEST),
+        "tf32x3": lax.DotAlgorithmPreset.TF32_TF32_F32_X3,
+        "bf16x6": lax.DotAlgorithmPreset.BF16_BF16_F32_X6}
+_HI = (lax.Precision.HIGHEST, lax.Precision.HIGHEST)
+MIN_DOT = 16  # Triton's smallest dot operand dimension
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Tiling of one kernel launch. rows, tokens: powers of two (tokens >= 16 uses dots, then rows
+    >= 16 too); ksplit programs share a row's columns (partial sums added after the kernel); unroll
+    chunks of 256 columns per loop iteration; Triton's num_warps and num_stages; dot: the float dot
+    for tokens >= 16 (f32 exact products, tf32x3 / bf16x6 split products on tensor cores)."""
+
+    rows: int = 16
+    tokens: int = 1
+    ksplit: int = 1
+    unroll: int = 1
+    num_warps: int = 4
+    num_stages: int = 3
+    dot: str = "f32"
+
+    def check(self):
+        for name in ("rows", "tokens"):
+            v = getattr(self, name)
+            if v < 1 or v & (v - 1):
+                raise ValueError(f"Config.{name}={v} must be a power of two")
+        if self.tokens >= MIN_DOT > self.rows:
+            raise ValueError(f"Config.rows={self.rows} must be >= {MIN_DOT} when tokens={self.tokens} "
+                             f">= {MIN_DOT} (dot tiles)")
+        if self.dot not in DOTS:
+            raise ValueError(f"Config.dot={self.dot!r}; valid: {', '.join(DOTS)}")
+        if min(self.ksplit, self.unroll, self.num_warps, self.num_stages) < 1:
+            raise ValueError(f"Config {self}: ksplit, unroll, num_warps, num_stages must be >= 1")
+        return self
+
+
+def acts_for(fmt: str) -> tuple:
+    """Activation modes the kernels implement for weights in `fmt` (empty: format not handled)."""
+    return FLOAT_ACTS + INT_ACTS[fmt] if fmt in INT_ACTS else ()
+
+
+def supported(fmt: str, act: str, acc: str, cols: int) -> bool:
+    """Whether a kernel computes qmatvec(fmt, act, acc) for rows of `cols` values."""
+    return act in acts_for(fmt) and acc == "f32" and cols % CHUNK == 0
+
+
+def fit(cfg: Config, rows: int, cols: int) -> Config:
+    """cfg with rows, ksplit and unroll reduced until they divide the problem."""
+    r = cfg.rows
+    while rows % r:
+        r //= 2
+    chunks = cols // CHUNK
+    ks = min(cfg.ksplit, chunks)
+    while chunks % ks:
+        ks -= 1
+    un = min(cfg.unroll, chunks // ks)
+    while (chunks // ks) % un:
+        un -= 1
+    return dataclasses.replace(cfg, rows=r, ksplit=ks, unroll=un)
+
+
+def prepare(x, act: str):
+    """Activation rows x float [P, K] -> the kernel's inputs for `act`: (x rounded, float32) for
+    float modes; (codes int8 [P, K], scales float32 [P, K / 32] (q8_k: [P, K / 256]), sums of codes
+    int32 [P, K / 32]) for integer modes, from numlab's codec (the reference's codes)."""
+    if act in FLOAT_ACTS:
+        return (x.astype(jnp.dtype({"f32": jnp.float32, "bf16": jnp.bfloat16, "f16": jnp.float16}[act]))
+                .astype(jnp.float32),)
+    u = formats.unpack(formats.quantize(x.astype(jnp.float32), act), act)
+    q = u.q.reshape(x.shape[0], -1)
+    sums = q.reshape(x.shape[0], -1, GROUP).sum(-1)
+    return q.astype(jnp.int8), u.d.reshape(x.shape[0], -1).astype(jnp.float32), sums.astype(jnp.int32)
+
+
+def qmatmul(data, fmt: str, shape, xs, tile_expert, act: str, cfg: Config, interpret: bool = False):
+    """Grouped product: data uint8 [E, rows, row_bytes] (GGML rows of E matrices of `shape`), xs =
+    prepare(x [T * tokens, cols], act), tile_expert int32 [T] (matrix of each tile of cfg.tokens
+    rows; negative: skip the tile, its outputs are undefined) -> float32 [T * tokens, rows]."""
+    rows, cols = shape
+    cfg = fit(cfg.check(), rows, cols)
+    n_tiles = tile_expert.shape[0]
+    row_bytes = formats.row_bytes(fmt, cols)
+    dims = dict(cols=cols, row_bytes=row_bytes, expert_bytes=rows * row_bytes)
+    kernel = functools.partial(_kernel, fmt=fmt, act=act, cfg=cfg, **dims)
+    out = pl.pallas_call(
+        kernel,
+        out_shape=jax.ShapeDtypeStruct((cfg.ksplit, n_tiles * cfg.tokens, rows), jnp.float32),
+        grid=(n_tiles, rows // cfg.rows, cfg.ksplit),
+        in_specs=[pl.no_block_spec] * (2 + len(xs)),
+        out_specs=pl.BlockSpec((None, cfg.tokens, cfg.rows), lambda t, r, k: (k, t, r)),
+        compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
+        interpret=interpret,
+        name=f"qmatmul_{fmt}_{act}",
+    )(tile_expert.astype(jnp.int32), data.reshape(-1), *(a.reshape(-1) for a in xs))
+    return out[0] if cfg.ksplit == 1 else jnp.sum(out, axis=0)
+
+
+def _iota(shape, dim=0):
+    return lax.broadcasted_iota(jnp.int32, shape, dim)
+
+
+def _drop(a):
+    """[..., 1] -> [...] (a reshape: Triton has no slicing of register tensors)."""
+    return a.reshape(a.shape[:-1])
+
+
+def _kernel(te_ref, w_ref, *refs, fmt, act, cfg, cols, row_bytes, expert_bytes):
+    *x_refs, o_ref = refs
+    t_id, r_id, k_id = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    e = te_ref[t_id]
+    steps = cols // CHUNK // cfg.ksplit
+    t0 = t_id * cfg.tokens
+
+    @pl.when(e >= 0)
+    def _():
+        rows = r_id * cfg.rows + _iota((cfg.rows,))
+        base = e * expert_bytes + rows * row_bytes
+        if act in FLOAT_ACTS:
+            make = _float_fma if cfg.tokens < MIN_DOT else _float_dot
+        else:
+            make = functools.partial(_int_fma if cfg.tokens < MIN_DOT else _int_dot, act=act)
+        step, acc, store = make(fmt, cfg, cols)
+
+        def body(it, acc):
+            for u in range(cfg.unroll):
+                c = k_id * steps + it * cfg.unroll + u
+                acc = step(w_ref, x_refs, base + c * layouts.CHUNK_BYTES[fmt], c, t0, acc)
+            return acc
+
+        store(o_ref, lax.fori_loop(0, steps // cfg.unroll, body, acc))
+
+
+def _xpos(c, g):
+    """Column of value i of group g [.., G, 1] in chunk c, as [.., G, 32]."""
+    return c * CHUNK + GROUP * g + _iota((1, 1, GROUP), 2)
+
+
+def _store_rows(o_ref, acc):
+    """One [rows] accumulator per token of the tile into the output block [tokens, rows]."""
+    for t, a in enumerate(acc):
+        o_ref[t, :] = a
+
+
+def _float_fma(fmt, cfg, cols):
+    """Fewer than 16 tokens: multiply-adds of the dequantized weights with x. One token: elementwise
+    sums per (row, group, value) carried across chunks and reduced at the end; several tokens: one
+    [rows] sum per token, reduced per chunk."""
+    g_n = layouts.GROUPS_PER_PART
+    one = cfg.tokens == 1
+
+    def step(w_ref, x_refs, base, c, t0, acc):
+        (x_ref,) = x_refs
+        xs = [[x_ref[(t0 + t) * cols + _xpos(c, layouts.group_index(fmt, p, 0, g_n))]
+               for t in range(cfg.tokens)] for p in range(layouts.PARTS)]
+        for p in range(layouts.PARTS):
+            w = layouts.dequantized(fmt, layouts.decode(fmt, w_ref, base, p, 0, g_n, scaled=True))
+            if one:
+                acc = acc + w * xs[p][0]
+            else:
+                acc = tuple(a + jnp.sum(w * xv, axis=(1, 2)) for a, xv in zip(acc, xs[p]))
+        return acc
+
+    if one:
+        def store(o_ref, acc):
+            o_ref[0, :] = jnp.sum(acc, axis=(1, 2))
+        return step, jnp.zeros((cfg.rows, g_n, GROUP), jnp.float32), store
+    return step, tuple(jnp.zeros((cfg.rows,), jnp.float32) for _ in range(cfg.tokens)), _store_rows
+
+
+def _float_dot(fmt, cfg, cols):
+    """16+ tokens: dots of the dequantized [rows, G·32] part with x [G·32, tokens]."""
+    g_n = layouts.GROUPS_PER_PART
+    prec = DOTS[cfg.dot]
+    tok = _iota((1, 1, cfg.tokens), 2)
+
+    def step(w_ref, x_refs, base, c, t0, acc):
+        (x_ref,) = x_refs
+        for p in range(layouts.PARTS):
+            grp = layouts.decode(fmt, w_ref, base, p, 0, g_n, scaled=True)
+            w = layouts.dequantized(fmt, grp).reshape(cfg.rows, g_n * GROUP)
+            pos = c * CHUNK + GROUP * grp.g.reshape(g_n, 1, 1) + _iota((1, GROUP, 1), 1)
+            xv = x_ref[(t0 + tok) * cols + pos].reshape(g_n * GROUP, cfg.tokens)
+            acc = acc + jnp.dot(w, xv, precision=prec, preferred_element_type=jnp.float32)
+        return acc
+
+    def store(o_ref, acc):
+        o_ref[...] = acc.T
+
+    return step, jnp.zeros((cfg.rows, cfg.tokens), jnp.float32), store
+
+
+def _chunk_scale(act, d, dmin, bi, bm, dxk):
+    """Float scaling of one chunk's sums (see numlab.ops.qmatvec): q8_k: (d·dx)·isum − (dmin·dx)·msum
+    from integer sums; q8_1 k-quants: d·Σ_g dx_g·isum_g − dmin·Σ_g dx_g·msum_g from float sums."""
+    if act == "q8_k":
+        y = (d * dxk) * bi.astype(jnp.float32)
+        return y if dmin is None else y - (dmin * dxk) * bm.astype(jnp.float32)
+    y = d * bi
+    return y if dmin is None else y - dmin * bm
+
+
+def _int_fma(fmt, cfg, cols, act):
+    """Few tokens, integer modes: int32 products of codes summed per group, then float scaling."""
+    g_n = layouts.GROUPS_PER_PART
+    n_x32 = cols // GROUP
+
+    def one_token(w_ref, x_refs, base, c, t, acc):
+        xq_ref, dx_ref = x_refs[:2]
+        bi = bm = 0
+        for p in range(layouts.PARTS):
+            grp = layouts.decode(fmt, w_ref, base, p, 0, g_n)
+            xq = xq_ref[t * cols + _xpos(c, grp.g)].astype(jnp.int32)
+            if grp.isc2 is None:
+                dots = jnp.sum(grp.codes * xq, axis=2)                         # [R, G], exact
+                dots = dots if fmt == "q8_0" else _drop(grp.isc) * dots
+            else:
+                dots = jnp.sum(grp.scale_of_values() * grp.codes * xq, axis=2)
+            x32 = t * n_x32 + c * GROUPS + _drop(grp.g)                         # [1, G]
+            if act == "q8_k":
+                bi = bi + jnp.sum(dots, axis=1)
+            elif fmt == "q8_0":
+                acc = acc + jnp.sum((_drop(grp.d) * dx_ref[x32]) * dots.astype(jnp.float32), axis=1)
+            else:
+                dx = dx_ref[x32]
+                bi = bi + jnp.sum(dx * dots.astype(jnp.float32), axis=1)
+            if grp.imin is not None:
+                mins = _drop(grp.imin) * x_refs[2][x32]
+                bm = bm + (jnp.sum(mins, axis=1) if act == "q8_k"
+                           else jnp.sum(dx * mins.astype(jnp.float32), axis=1))
+        if fmt == "q8_0":
+            return acc
+        dxk = dx_ref[t * (cols // CHUNK) + c] if act == "q8_k" else None
+        dmin = None if grp.dmin is None else grp.dmin.reshape(cfg.rows)
+        return acc + _chunk_scale(act, grp.d.reshape(cfg.rows), dmin, bi, bm, dxk)
+
+    def step(w_ref, x_refs, base, c, t0, acc):
+        return tuple(one_token(w_ref, x_refs, base, c, t0 + t, a) for t, a in enumerate(acc))
+
+    zeros = tuple(jnp.zeros((cfg.rows,), jnp.float32) for _ in range(cfg.tokens))
+    return step, zeros, _store_rows
+
+
+def _int_dot(fmt, cfg, cols, act):
+    """16+ tokens, integer modes: per group an int8 dot [rows, 32] x [32, tokens] -> int32 (q6_k: one
+    per half group, for its two scales), then the float scaling per chunk."""
+    n_x32 = cols // GROUP
+    first_half = _iota((1, GROUP), 1) < GROUP // 2
+    tok = _iota((1, cfg.tokens), 1)
+
+    def idot(a, b):
+        return jnp.dot(a.astype(jnp.int8), b, precision=_HI, preferred_element_type=jnp.int32)
+
+    def step(w_ref, x_refs, base, c, t0, acc):
+        xq_ref, dx_ref = x_refs[:2]
+        bi = bm = 0
+        for p in range(layouts.PARTS):
+            for s in range(layouts.GROUPS_PER_PART):
+                grp = layouts.decode(fmt, w_ref, base, p, s, 1)
+                codes = grp.codes.reshape(cfg.rows, GROUP)
+                g = grp.g.reshape(1, 1)
+                xq = xq_ref[(t0 + tok) * cols + c * CHUNK + GROUP * g + _iota((GROUP, 1))]   # [32, T]
+                if grp.isc2 is None:
+                    dots = idot(codes, xq)
+                    dots = dots if fmt == "q8_0" else _drop(grp.isc) * dots
+                else:
+                    dots = (_drop(grp.isc) * idot(jnp.where(first_half, codes, 0), xq)
+                            + _drop(grp.isc2) * idot(jnp.where(first_half, 0, codes), xq))
+                x32 = (t0 + tok) * n_x32 + c * GROUPS + g                                     # [1, T]
+                if act == "q8_k":
+                    bi = bi + dots
+                elif fmt == "q8_0":
+                    acc = acc + (_drop(grp.d) * dx_ref[x32]) * dots.astype(jnp.float32)
+                else:
+                    dx = dx_ref[x32]
+                    bi = bi + dx * dots.astype(jnp.float32)
+                if grp.imin is not None:
+                    mins = _drop(grp.imin) * x_refs[2][x32]
+                    bm = bm + (mins if act == "q8_k" else dx * mins.astype(jnp.float32))
+        if fmt == "q8_0":
+            return acc
+        dxk = dx_ref[(t0 + tok) * (cols // CHUNK) + c] if act == "q8_k" else None
+        dmin = None if grp.dmin is None else grp.dmin.reshape(cfg.rows, 1)
+        return acc + _chunk_scale(act, grp.d.reshape(cfg.rows, 1), dmin, bi, bm, dxk)
+
+    def store(o_ref, acc):
+        o_ref[...] = acc.T
+
+    return step, jnp.zeros((cfg.rows, cfg.tokens), jnp.float32), store

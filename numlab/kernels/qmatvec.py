@@ -1,0 +1,104 @@
+"""qmatvec through the Pallas kernel: the signature and results of numlab.ops.qmatvec (to float rounding).
+
+y[..., r] = W · x[..., cols] in mode `act`, float32 accumulation. Batch axes of w.data (stacked
+matrices) and of x broadcast like numpy's matmul. Derivatives are those of the dequantized linear
+map, as in the reference: the tangent W·t runs through the kernel (act f32), its transpose (reverse
+mode) is the transposed product of t's cotangent with the dequantized weights.
+"""
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from numlab.formats import QTensor
+from numlab.kernels import qmatmul as qm
+from numlab.kernels import tuning
+
+_HI = jax.lax.Precision.HIGHEST
+
+
+def enabled() -> bool:
+    """Whether the kernels run natively here (a GPU backend); elsewhere numlab uses the reference."""
+    return jax.default_backend() == "gpu"
+
+
+def applies(w: QTensor, act: str, acc: str) -> bool:
+    """Whether qmatvec_fast computes qmatvec(w, ., act, acc) (format, modes and shape supported)."""
+    return isinstance(w, QTensor) and qm.supported(w.fmt, act, acc, w.shape[1])
+
+
+def qmatvec_fast(w: QTensor, x, act: str = "f32", acc: str = "f32", *, config: qm.Config | None = None,
+                 interpret: bool = False):
+    """numlab.ops.qmatvec(w, x, act, acc) -> float32 [..., rows] through the kernel. ValueError where
+    it does not apply (see applies); interpret=True runs the kernel in Pallas' CPU interpreter."""
+    if not isinstance(w, QTensor):
+        raise TypeError(f"qmatvec_fast weights must be a numlab.formats.QTensor, got {type(w).__name__}")
+    if not applies(w, act, acc):
+        raise ValueError(f"no kernel for {w.fmt} weights {w.shape} with act={act!r} acc={acc!r}; kernels "
+                         f"take act in {', '.join(qm.acts_for(w.fmt)) or '(none)'}, acc f32, cols a multiple "
+                         f"of {qm.CHUNK}")
+    x = jnp.asarray(x)
+    if x.ndim < 1 or x.shape[-1] != w.shape[1]:
+        raise ValueError(f"qmatvec_fast: x of shape {x.shape} must end in cols={w.shape[1]} of the {w.fmt} "
+                         f"weight {w.shape}")
+    return _fast(act, config, interpret, w, x)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1, 2))
+def _fast(act, config, interpret, w, x):
+    return _apply(act, config, interpret, w, x)
+
+
+@_fast.defjvp
+def _fast_jvp(act, config, interpret, primals, tangents):
+    w, x = primals
+    return _fast(act, config, interpret, w, x), _tangent(config, interpret, w, tangents[1])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _tangent(config, interpret, w, t):
+    """W · t (the dequantized linear map) through the kernel, float32."""
+    return _apply("f32", config, interpret, w, t)
+
+
+def _tangent_fwd(config, interpret, w, t):
+    return _tangent(config, interpret, w, t), (w, t)
+
+
+def _tangent_bwd(config, interpret, res, g):
+    w, t = res
+    _, vjp = jax.vjp(lambda v: _dequantized_map(w, v), t)
+    return None, vjp(g)[0]
+
+
+_tangent.defvjp(_tangent_fwd, _tangent_bwd)
+
+
+def _dequantized_map(w: QTensor, v):
+    """W · v with the dequantized weights, float32 at HIGHEST precision (its transpose is the vjp)."""
+    return jnp.einsum("...rc,...c->...r", w.dequantize(), v.astype(jnp.float32), precision=_HI,
+                      preferred_element_type=jnp.float32)
+
+
+def _apply(act, config, interpret, w: QTensor, x):
+    rows, cols = w.shape
+    batch_w = w.data.shape[:-2]
+    if not batch_w:
+        lead = x.shape[:-1]
+        xs = x.reshape(-1, cols)
+        cfg = config or tuning.config_for(w.fmt, act, xs.shape[0], rows, cols)
+        n_tiles = -(-xs.shape[0] // cfg.tokens)
+        xs = jnp.pad(xs, ((0, n_tiles * cfg.tokens - xs.shape[0]), (0, 0)))
+        y = qm.qmatmul(w.data[None], w.fmt, w.shape, qm.prepare(xs, act), jnp.zeros((n_tiles,), jnp.int32),
+                       act, cfg, interpret)
+        return y[:math.prod(lead)].reshape(lead + (rows,))
+    lead = jnp.broadcast_shapes(batch_w, x.shape[:-1])
+    which = np.broadcast_to(np.arange(math.prod(batch_w)).reshape(batch_w), lead).reshape(-1)
+    xs = jnp.broadcast_to(x, lead + (cols,)).reshape(-1, cols)
+    cfg = dataclasses.replace(config or tuning.config_for(w.fmt, act, 1, rows, cols), tokens=1)
+    data = w.data.reshape((-1,) + w.data.shape[-2:])
+    y = qm.qmatmul(data, w.fmt, w.shape, qm.prepare(xs, act), jnp.asarray(which, jnp.int32), act, cfg, interpret)
+    return y.reshape(lead + (rows,))
