@@ -7,10 +7,11 @@ fused multiply-add. XLA does two things that change those bits, and this module 
   `mul(a, b, keep)` = `where(keep, a*b, a)`: an add then consumes a select, not a multiply, so
   nothing can be fused; `keep` is data (`x == x`, true for every finite input) that no compiler
   can prove constant, so the select stays. The other arm must be a runtime value: with a constant
-  arm (`where(keep, a*b, 0)`) LLVM's x86 backend folds the select into a masked FMA again (seen
-  here with AVX-512). Every product that feeds an add or subtract is a `mul`, except products
-  that are exact in float32 (an fp16 value times a small integer), where fused and unfused
-  results are the same number.
+  arm, `where(keep, a*b, 0) - where(keep, c*d, 0)` was fused again here (x86 with AVX-512, where
+  a select against zero can become a masked multiply). Every product that feeds an add or
+  subtract is a `mul`, except products that are exact in float32 (an fp16 value times a small
+  integer), where fused and unfused results are the same number. Checked under jit and eager on
+  CPU against ggml's bytes; on a GPU the byte tests must be run there.
 * XLA's algebraic simplifier rewrites `a / broadcast(b)` into `a * broadcast(1 / b)` (two
   roundings), and XLA:GPU's float32 division is PTX `div.full` (up to 2 ulp off). `div` is
   `div_rn`: a true IEEE division on CPU, an exact integer long division on other backends.
@@ -50,11 +51,12 @@ def nearest_int(v: jax.Array) -> jax.Array:
 
 
 def once(v: jax.Array) -> jax.Array:
-    """`v` unchanged (v / 1), computed once into its own buffer in the default layout.
+    """`v` unchanged (v / 1 is exact), computed once into its own buffer.
 
-    XLA copies cheap producers into every consumer fusion (the 32-term sums ended up summed
-    five times per candidate) and may leave a transpose as a strided view; a division is an
-    expensive op that XLA never duplicates, so it is materialised once.
+    XLA's CPU fusion copies cheap producers into every consumer (the 32-term sums were summed
+    five times per candidate, per-sub-block values recomputed for every element they are
+    broadcast to, transposes left as strided reads); it does not duplicate a division, so a
+    division by 1 is materialised once. Speed only: the bits do not change.
     """
     return v / lax.optimization_barrier(jnp.ones_like(v))
 

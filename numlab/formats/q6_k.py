@@ -10,8 +10,8 @@ for how float32 roundings are kept identical under jit. Blocks holding a NaN or 
 defined result in ggml (its nearest_int asserts |v| <= 4194303 in debug builds; release builds
 write finite garbage): here such a block becomes d = fp16 NaN with zero scales and codes, so it
 dequantizes to NaN and the bad value stays visible. XLA on CPU flushes float32 subnormals to zero,
-so blocks whose values or intermediates are subnormal (|x| below about 1e-12 here, since ggml
-weighs by x**3) can differ from ggml.
+so sub-blocks of tiny values can differ from ggml: the search compares products of order x**6
+that turn subnormal once a sub-block's largest |x| is below about 1e-6 (seen from 1e-7 down).
 """
 import numpy as np
 import jax
