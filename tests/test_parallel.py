@@ -12,6 +12,8 @@ import pytest
 
 from numlab import ops
 from numlab.formats import QTensor
+from numlab.models import config as config_lib
+from numlab.models.qwen3_moe import Model, forward
 from numlab.parallel import place_experts, sharded, sharded_map
 
 CHILD = """
@@ -35,6 +37,24 @@ def _weights():
         "ffn_gate_inp": jnp.asarray(rng.standard_normal((E, D)), jnp.float32),
         "ffn_down_exps": QTensor.from_float(rng.standard_normal((E, 64, D)).astype(np.float32), "q4_k"),
     }
+
+
+MODEL_CONFIG = config_lib.Qwen3MoeConfig(n_layers=2, d_model=256, n_heads=4, n_kv_heads=2, head_dim=64,
+                                         n_experts=8, n_experts_used=2, d_expert=256, vocab=64)
+_quantize = jax.jit(QTensor.from_float, static_argnums=1)
+
+
+def _model():
+    """A small Qwen3-MoE with random Q8_0 matrices and an f32 router."""
+    rng = np.random.default_rng(2)
+    tensors = {}
+    for name, shape in config_lib.tensor_shapes(MODEL_CONFIG).items():
+        if len(shape) == 1:
+            tensors[name] = jnp.asarray(1 + 0.1 * rng.standard_normal(shape), jnp.float32)
+        else:
+            w = jnp.asarray(rng.standard_normal(shape) / np.sqrt(shape[-1]), jnp.float32)
+            tensors[name] = _quantize(w, "f32" if name.endswith("gate_inp") else "q8_0")
+    return Model(tensors=tensors, config=MODEL_CONFIG)
 
 
 def _tokens():
@@ -67,6 +87,12 @@ def results(devices):
     moe = jax.jit(jax.vmap(_token_fn, in_axes=(0, None)))(jnp.asarray(x), placed)
     for k, v in moe.items():
         out[f"experts_{k}"] = np.asarray(v)
+    model = place_experts(_model(), devices=devices)
+    up = model.tensors["blk.1.ffn_up_exps"].data
+    out["model_shard_rows"] = np.array([s.data.shape[0] for s in up.addressable_shards])
+    trace = forward(model, np.array([1, 5, 9, 3, 60, 2], np.int32),
+                    "*.act=q8_0; *.ffn_gate_inp.act=f32")
+    out["model_logits"], out["model_topk"] = np.asarray(trace.logits), np.asarray(trace.topk_idx)
     return out
 
 
@@ -108,6 +134,7 @@ def test_four_devices_bit_identical_to_one(four_devices, one_device):
 
 def test_experts_split_over_four_devices(four_devices):
     np.testing.assert_array_equal(four_devices["expert_shard_rows"], [E // 4] * 4)
+    np.testing.assert_array_equal(four_devices["model_shard_rows"], [MODEL_CONFIG.n_experts // 4] * 4)
     np.testing.assert_array_equal(four_devices["gate_shard_rows"], [E] * 4)
 
 
