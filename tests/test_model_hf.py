@@ -2,7 +2,6 @@
 loaded with the same dequantized weights: the f32 policy against the float32 model, ref-f64 against
 the model in float64 (.double(), with transformers' hard-coded float32 steps — RMSNorm, router
 softmax, RoPE table, attention softmax — patched to run in the input's dtype)."""
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

@@ -121,3 +121,6 @@ def layer_tensor_shapes(config: Qwen3MoeConfig) -> dict:
         "ffn_up_exps": (c.n_experts, c.d_expert, c.d_model),
         "ffn_down_exps": (c.n_experts, c.d_model, c.d_expert),
     }
+
+
+LAYER_TENSORS = tuple(layer_tensor_shapes(CONFIGS["tiny"]))

@@ -30,7 +30,6 @@ from numlab.models.sites import GLOBAL_KINDS, LAYER_KINDS, LAYER_SITES, site_kin
 from numlab.ops import (attention, jdtype, moe_sum, qmatvec, rmsnorm, rope, router_margin, rsum, softmax,
                         swiglu, topk_route)
 
-LAYER_TENSORS = tuple(config_lib.layer_tensor_shapes(config_lib.CONFIGS["tiny"]))
 
 
 @jax.tree_util.register_dataclass
@@ -223,7 +222,7 @@ def _variants(cfg, fmts, low, ref):
     layers of each variant)."""
     keys = []
     for i in range(cfg.n_layers):
-        keys.append((tuple(fmts[f"blk.{i}.{n}"] for n in LAYER_TENSORS),
+        keys.append((tuple(fmts[f"blk.{i}.{n}"] for n in config_lib.LAYER_TENSORS),
                      tuple(_freeze(low[f"blk.{i}.{s}"]) for s, _ in LAYER_SITES),
                      None if ref is None else tuple(_freeze(ref[f"blk.{i}.{s}"]) for s, _ in LAYER_SITES)))
     order = list(dict.fromkeys(keys))
@@ -253,9 +252,11 @@ def _forward(model, tokens, mix, force_experts, noise, *, policy, ref, capture):
 
     def branch(v):
         first = members[v][0]
-        stacked = {n: _stack([model.tensors[f"blk.{i}.{n}"] for i in members[v]]) for n in LAYER_TENSORS}
-        fields = lambda res: None if res is None else {s: res[f"blk.{first}.{s}"] for s, _ in LAYER_SITES}  # noqa: E731
+        stacked = {n: _stack([model.tensors[f"blk.{i}.{n}"] for i in members[v]]) for n in config_lib.LAYER_TENSORS}
         layer_capture = tuple(n for n in capture if n in LAYER_KINDS)
+
+        def fields(res):
+            return None if res is None else {s: res[f"blk.{first}.{s}"] for s, _ in LAYER_SITES}
 
         def run(x, layer, p, m, forced):
             w = jax.tree.map(lambda a: a[p], stacked)
