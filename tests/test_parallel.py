@@ -1,6 +1,7 @@
 """numlab.parallel: a batch sharded over 4 host devices (a subprocess with
-XLA_FLAGS=--xla_force_host_platform_device_count=4) gives bit-identical numbers to one device,
-and expert-parallel placement splits stacked expert weights without changing the MoE output."""
+XLA_FLAGS=--xla_force_host_platform_device_count=4) gives bit-identical numbers to one device, for a
+per-token MoE step and for a sweep of analysis runs of a Qwen3-MoE; expert placement splits the
+stacked expert weights over the devices without changing the forward pass."""
 import os
 import subprocess
 import sys
@@ -14,6 +15,7 @@ from numlab import ops
 from numlab.formats import QTensor
 from numlab.models import config as config_lib
 from numlab.models.qwen3_moe import Model, forward
+from numlab.models.sites import site_names
 from numlab.parallel import place_experts, sharded, sharded_map
 
 CHILD = """
@@ -41,6 +43,8 @@ def _weights():
 
 MODEL_CONFIG = config_lib.Qwen3MoeConfig(n_layers=2, d_model=256, n_heads=4, n_kv_heads=2, head_dim=64,
                                          n_experts=8, n_experts_used=2, d_expert=256, vocab=64)
+MODEL_TOKENS = np.array([1, 5, 9, 3, 60, 2], np.int32)
+LOW = "*.act=q8_0; *.ffn_gate_inp.act=f32"
 _quantize = jax.jit(QTensor.from_float, static_argnums=1)
 
 
@@ -77,23 +81,25 @@ def results(devices):
     """Everything the 1-device and 4-device runs must agree on, as a dict of numpy arrays."""
     w, x = _weights(), _tokens()
     out = {}
-    for chunk in (None, 10):
-        for k, v in sharded_map(_token_fn, x, w, chunk=chunk, devices=devices).items():
-            out[f"map_chunk{chunk}_{k}"] = np.asarray(v)
-    placed = place_experts(w, devices=devices)
-    shards = placed["ffn_down_exps"].data.addressable_shards
-    out["expert_shard_rows"] = np.array([s.data.shape[0] for s in shards])
-    out["gate_shard_rows"] = np.array([s.data.shape[0] for s in placed["ffn_gate_inp"].addressable_shards])
-    moe = jax.jit(jax.vmap(_token_fn, in_axes=(0, None)))(jnp.asarray(x), placed)
-    for k, v in moe.items():
-        out[f"experts_{k}"] = np.asarray(v)
+    for k, v in sharded_map(_token_fn, x, w, chunk=10, devices=devices).items():
+        out[f"map_{k}"] = np.asarray(v)
     model = place_experts(_model(), devices=devices)
     up = model.tensors["blk.1.ffn_up_exps"].data
     out["model_shard_rows"] = np.array([s.data.shape[0] for s in up.addressable_shards])
-    trace = forward(model, np.array([1, 5, 9, 3, 60, 2], np.int32),
-                    "*.act=q8_0; *.ffn_gate_inp.act=f32")
+    norm = model.tensors["blk.1.ffn_norm"]
+    out["model_norm_shard_rows"] = np.array([s.data.shape[0] for s in norm.addressable_shards])
+    trace = forward(model, MODEL_TOKENS, LOW)
     out["model_logits"], out["model_topk"] = np.asarray(trace.logits), np.asarray(trace.topk_idx)
+    rows = np.eye(len(site_names(MODEL_CONFIG)))[:8]  # one-hot ablation rows of a sweep
+    sweep = sharded_map(_ablation_row, rows, (model, MODEL_TOKENS), block=2, devices=devices)
+    out["sweep_logits"] = np.asarray(sweep)
     return out
+
+
+def _ablation_row(m, shared):
+    """Last-token logits of an analysis run (LOW against f32) at mix m: one sweep point."""
+    model, tokens = shared
+    return forward(model, tokens, LOW, ref="f32", mix=m).logits[-1]
 
 
 @pytest.fixture(scope="module")
@@ -128,14 +134,16 @@ def test_four_devices_bit_identical_to_one(four_devices, one_device):
     for k in one_device:
         if "shard_rows" not in k:
             np.testing.assert_array_equal(four_devices[k], one_device[k], err_msg=k)
-    assert four_devices["map_chunkNone_moe"].shape == (N, 64)
-    assert four_devices["map_chunkNone_moe_f64"].dtype == np.float64
+    assert four_devices["map_moe"].shape == (N, 64)
+    assert four_devices["map_moe_f64"].dtype == np.float64
+    assert four_devices["sweep_logits"].shape == (8, MODEL_CONFIG.vocab)
+    assert not np.array_equal(four_devices["sweep_logits"][0], four_devices["sweep_logits"][1])
 
 
 def test_experts_split_over_four_devices(four_devices):
-    np.testing.assert_array_equal(four_devices["expert_shard_rows"], [E // 4] * 4)
     np.testing.assert_array_equal(four_devices["model_shard_rows"], [MODEL_CONFIG.n_experts // 4] * 4)
-    np.testing.assert_array_equal(four_devices["gate_shard_rows"], [E] * 4)
+    norm = four_devices["model_norm_shard_rows"]
+    np.testing.assert_array_equal(norm, [MODEL_CONFIG.d_model] * 4)  # other tensors replicated
 
 
 def test_sharded_map_equals_vmap_block_by_block():
