@@ -252,6 +252,7 @@ CASES = {
     "string length overflow": (_file([_kv("s", V.STRING, struct.pack("<Q", 2**63))]), "metadata 's' string"),
     "alignment type": (_file([_kv("general.alignment", V.UINT64, struct.pack("<Q", 32))]),
                        "metadata 'general.alignment'"),
+    "alignment as string": (_file([_kv("general.alignment", V.STRING, _s("32"))]), "metadata 'general.alignment'"),
     "alignment not power of 2": (_file([_kv("general.alignment", V.UINT32, struct.pack("<I", 48))]),
                                  "metadata 'general.alignment'"),
     "bad utf-8 key": (_file([_kv(b"\xff\xfe", V.UINT32, U32)]), "metadata #0 key"),

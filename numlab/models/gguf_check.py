@@ -124,7 +124,13 @@ def _metadata(cur, n_kv):
             cur.fail(field, "duplicate key" if key in keys else "reserved key name")
         keys.add(key)
         vtype = cur.value_type(f"{field} type")
-        if vtype == GGUFValueType.ARRAY:
+        if key == "general.alignment":
+            if vtype != GGUFValueType.UINT32:
+                cur.fail(field, f"has type {vtype.name}, expected UINT32")
+            alignment = cur.read("I", field)
+            if alignment == 0 or alignment & (alignment - 1):
+                cur.fail(field, f"{alignment} is not a power of two")
+        elif vtype == GGUFValueType.ARRAY:
             itype = cur.value_type(f"{field} array element type")
             n = cur.read("Q", f"{field} array length")
             elements += n
@@ -141,12 +147,6 @@ def _metadata(cur, n_kv):
                 cur.skip(n * struct.calcsize(_SCALAR_FMT[itype]), f"{field} array of {n} {itype.name}")
         elif vtype == GGUFValueType.STRING:
             cur.skip(cur.read("Q", f"{field} string length"), f"{field} string")
-        elif key == "general.alignment":
-            if vtype != GGUFValueType.UINT32:
-                cur.fail(field, f"has type {vtype.name}, expected UINT32")
-            alignment = cur.read("I", field)
-            if alignment == 0 or alignment & (alignment - 1):
-                cur.fail(field, f"{alignment} is not a power of two")
         else:
             cur.skip(struct.calcsize(_SCALAR_FMT[vtype]), f"{field} {vtype.name} value")
     return alignment
