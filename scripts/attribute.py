@@ -12,18 +12,22 @@ import tempfile
 import time
 from pathlib import Path
 
-import jax
-import numpy as np
-from absl import app, flags, logging
-from ml_collections import config_flags
-from tqdm import tqdm
+# Before JAX starts: XLA must not drop f32 -> bf16/f16 -> f32 rounding pairs ("excess precision"),
+# which would silently undo the low-precision ops being analysed.
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_allow_excess_precision=false").strip()
 
-from numlab import policy as policy_lib
-from numlab.analysis import attribution, plots, report
-from numlab.io import make_run_dir
-from numlab.models import config as config_lib
-from numlab.models.gguf_io import load_gguf
-from numlab.models.synthetic import write as write_synthetic
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from numlab import policy as policy_lib  # noqa: E402
+from numlab.analysis import attribution, plots, report  # noqa: E402
+from numlab.io import make_run_dir  # noqa: E402
+from numlab.models import config as config_lib  # noqa: E402
+from numlab.models.gguf_io import load_gguf  # noqa: E402
+from numlab.models.synthetic import write as write_synthetic  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", str(Path(__file__).resolve().parent.parent / "configs" / "attribute.py"),

@@ -80,11 +80,11 @@ def leave_one_out(f, G, batch_size=None):
 
 
 def directional(f, m, G):
-    """(f(m), D) with D[g] = d f / d m along G[g] (= sum over g's sites of d f / d m_i), by one
-    linearisation of f at m and a vmap of its linear map over the groups (forward mode)."""
+    """(f(m), D) with D[g] = d f / d m along G[g] (= sum over g's sites of d f / d m_i): forward mode,
+    jax.jvp vmapped over the groups (the primal, independent of the tangent, is computed once)."""
     G = jnp.asarray(G)
-    out, lin = jax.linearize(f, jnp.asarray(m, G.dtype))
-    return out, jax.vmap(lin)(G)
+    m = jnp.asarray(m, G.dtype)
+    return jax.vmap(lambda v: jax.jvp(f, (m,), (v,)), out_axes=(None, 0))(G)
 
 
 def first_order(f, m, G):
@@ -180,12 +180,14 @@ def _rows(model, tokens, mix_rows, *, low, ref):
 @jax.jit
 def _row_summary(rows, r0):
     """Per mix row, against the reference r0 (row m = 0): mean and max over prompts and tokens of
-    1 - cos per layer [R, L], swaps per layer summed over prompts and tokens [R, L], mean KLD of the
-    final logits [R], share of positions with the same top token [R], last-position agreement [R, P]."""
+    1 - cos per layer [R, L], swaps per layer summed over prompts and tokens [R, L], mean router margin
+    of the reference's expert sets per layer [R, L], mean KLD of the final logits [R], share of
+    positions with the same top token [R], last-position agreement [R, P]."""
     omc = metrics.one_minus_cos(rows["resid"], r0["resid"])
     idx0 = jnp.broadcast_to(r0["topk_idx"], rows["topk_idx"].shape)
     return dict(omc=omc.mean(axis=(1, 3)), omc_max=omc.max(axis=(1, 3)),
                 swaps=metrics.swaps(idx0, rows["topk_idx"]).sum(axis=(1, 3)),
+                margin=metrics.set_margin(rows["router_logits"], idx0).mean(axis=(1, 3)),
                 kld=metrics.kld(r0["logits"], rows["logits"]).mean(axis=(1, 2)),
                 same_top=metrics.argmax_agree(r0["logits"], rows["logits"]).mean(axis=(1, 2)),
                 last_agree=metrics.argmax_agree(r0["logits"][:, -1], rows["logits"][:, :, -1]))
@@ -279,7 +281,7 @@ def analyze(model, tokens, low, ref, *, by: str = "kind", ig_points: int = 8, ru
                   config=dataclasses.asdict(cfg)),
         groups=groups, causes=describe_groups(groups, kinds, low, ref), tokens=tok,
         ref=r0, low=r1,
-        low_summary=jax.tree.map(lambda a: a[1], summ),
+        ref_summary=jax.tree.map(lambda a: a[0], summ), low_summary=jax.tree.map(lambda a: a[1], summ),
         ablation=jax.tree.map(lambda a: a[2:2 + n_g], summ),
         leave_one_out=jax.tree.map(lambda a: a[2 + n_g:], summ),
         forced=dict(omc=forced["omc"], kld=forced["kld"], margin=forced["margin"]),

@@ -122,8 +122,10 @@ def build(res, meta=None) -> dict:
         share_kld=_f(kld_share[g]), ig_kld=_f(ig_kld[g]),
         linear_omc=_lst(lin[g]), linear_share=_f(lin_share[g]),
         first_order_omc=_lst(res["first_order"]["omc"][g]), first_order_kld=_f(res["first_order"]["kld"][g]),
-        ablation=dict(omc=_lst(abl["omc"][g]), kld=_f(abl["kld"][g]), swaps=_lst(abl["swaps"][g])),
-        leave_one_out=dict(omc=_lst(loo["omc"][g]), kld=_f(loo["kld"][g]), swaps=_lst(loo["swaps"][g])),
+        ablation=dict(omc=_lst(abl["omc"][g]), kld=_f(abl["kld"][g]), swaps=_lst(abl["swaps"][g]),
+                      margin=_lst(abl["margin"][g])),
+        leave_one_out=dict(omc=_lst(loo["omc"][g]), kld=_f(loo["kld"][g]), swaps=_lst(loo["swaps"][g]),
+                           margin=_lst(loo["margin"][g])),
     ) for g in order]
     rollup = {}
     for g in order:
