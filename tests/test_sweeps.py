@@ -92,7 +92,7 @@ def test_config_h9_silu_exp(tmp_path):
     pairs = r["data"]["pairs"]
     assert len(pairs["f32/exp2|f32/exp"]["max_rel"]) == 5
     assert max(pairs["f32/exp|f64/exp"]["max_rel"]) < 1e-6
-    assert max(pairs["f32/exp2|f32/exp"]["max_rel"]) < 1e-5  # CASCADE: ≤ 1e-6
+    assert 1e-8 < max(pairs["f32/exp2|f32/exp"]["max_rel"]) < 1e-5  # CASCADE: ≤ 1e-6 (jitted: not folded)
     assert max(pairs["bf16/exp|f64/exp"]["max_rel"]) > 1e-3
 
 

@@ -402,7 +402,8 @@ def _matvec_plots(cfg, out, families, scales) -> list:
         series.update({k: m[cfg.metric] for k, m in mean.get("pairs", {}).items()})
         x = families if by_family else scales
         series = {k: (np.asarray(v)[:, 0] if by_family else np.asarray(v)[0, :]) for k, v in series.items()}
-        plots.append({"title": f"{fmt} {res['rows']}×{res['cols']}: {cfg.metric} (mean of {cfg.n_seeds} seeds)",
+        plots.append({"title": f"{fmt} {res['rows']}×{res['cols']}: {cfg.metric} of each path against {cfg.ref}, "
+                               f"and of pairs a|b (mean of {cfg.n_seeds} seeds)",
                       "kind": "bars" if by_family else "lines", "x": x, "series": series, "logy": True,
                       "logx": not by_family, "xlabel": "input family" if by_family else "input scale",
                       "ylabel": cfg.metric})
@@ -445,7 +446,8 @@ def chain(cfg, ctx: Context) -> dict:
         notes.append(f"{fmt}: {pair_key(*cfg.candidate)} {cfg.metric} {_span(cand)} (max at N={worst + 1}); "
                      f"{pair_key(*cfg.baseline)} {_span(base)}, its 1-cos grows x{growth:.1f} over {cfg.n_max} steps")
     steps = list(range(1, cfg.n_max + 1))
-    plots = [{"title": f"{fmt} chain of {d}×{d} matvecs: {cfg.metric} (mean of {cfg.n_seeds} seeds)",
+    plots = [{"title": f"{fmt} chain of {d}×{d} matvecs: {cfg.metric} of each path against {cfg.ref}, and of "
+                       f"pairs a|b (mean of {cfg.n_seeds} seeds)",
               "kind": "lines", "x": steps, "xlabel": "chain length N", "ylabel": cfg.metric, "logy": True,
               "series": {**{p: m[cfg.metric] for p, m in res["mean"]["vs_ref"].items() if p != cfg.ref},
                          **{k: m[cfg.metric] for k, m in res["mean"].get("pairs", {}).items()}}}
@@ -686,7 +688,8 @@ def _rule_nonfinite(cfg, summary, model, tokens):
         first_layer = int(np.min(st["first_bad_layer"]))
         hit = None
         if bad or first_layer < summary["layers"]:
-            prompt = int(np.argmax(np.asarray(st["nonfinite_logits"]) > 0)) if bad else int(np.argmin(st["first_bad_layer"]))
+            prompt = (int(np.argmax(np.asarray(st["nonfinite_logits"]) > 0)) if bad
+                      else int(np.argmin(st["first_bad_layer"])))
             hit = first_nonfinite(model, tokens[prompt], summary["runs"][name])
         figs[name] = {"nonfinite_logits": bad, "first_nonfinite": None if hit is None else hit._asdict()}
         notes.append(f"{name}: {bad} non-finite logits" + (f", first at {hit.site} token {hit.token}" if hit else ""))
@@ -855,14 +858,16 @@ def mca_model(cfg, ctx: Context) -> dict:
                           lambda it, bits=bits: ctx.progress(it, desc=f"t={bits} samples"))
         diff = np.moveaxis(res["diff"], 1, 2)                                             # [K, L, P, T, D]
         stats = mca.layer_bits(diff, exact_resid)
-        topk = np.moveaxis(res["topk"], 1, 2).reshape(cfg.n_samples, model.config.n_layers, -1, exact_topk.shape[-1])
-        p_change = mca.topk_change_probability(topk, exact_topk.reshape(model.config.n_layers, -1, exact_topk.shape[-1]))
+        n_layers, k = model.config.n_layers, exact_topk.shape[-1]
+        topk = np.moveaxis(res["topk"], 1, 2).reshape(cfg.n_samples, n_layers, -1, k)
+        p_change = mca.topk_change_probability(topk, exact_topk.reshape(n_layers, -1, k))
         by_bits[bits] = {"median": stats["median"].tolist(), "normwise": stats["normwise"].tolist(),
                          "p_topk_change": p_change.tolist()}
     layers = list(range(model.config.n_layers))
     figures = {f"t={b}": {"bits_last_layer": v["median"][-1], "bits_min": min(v["median"]),
                           "p_topk_change_max": max(v["p_topk_change"]),
-                          "first_layer_p_change_gt_0": next((i for i, p in enumerate(v["p_topk_change"]) if p > 0), None)}
+                          "first_layer_p_change_gt_0": next((i for i, p in enumerate(v["p_topk_change"]) if p > 0),
+                                                            None)}
                for b, v in by_bits.items()}
     measured = "; ".join(f"{b}: last layer s {f['bits_last_layer']:.1f} bits, max P(top-k change) "
                          f"{f['p_topk_change_max']:.3f}" for b, f in figures.items())
@@ -904,7 +909,7 @@ def render(plots: list):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, len(plots), figsize=(6.5 * len(plots), 4.5), squeeze=False)
+    fig, axes = plt.subplots(1, len(plots), figsize=(8.5 * len(plots), 4.5), squeeze=False)
     for ax, spec in zip(axes[0], plots):
         x = list(spec["x"])
         series = {k: np.asarray(v, np.float64).reshape(-1) for k, v in spec["series"].items()}
@@ -926,7 +931,7 @@ def render(plots: list):
             ax.set_yscale("log")
         ax.set(title=spec["title"], xlabel=spec.get("xlabel", ""), ylabel=spec.get("ylabel", ""))
         ax.title.set_fontsize(9)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
         ax.grid(alpha=0.3)
     fig.tight_layout()
     return fig
