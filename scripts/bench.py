@@ -7,7 +7,7 @@ from absl import app, flags, logging
 from tqdm import tqdm
 
 import numlab.formats as formats
-from numlab.bench import codecs
+from numlab.bench import codecs, model
 from numlab.io import atomic_write_json
 
 FLAGS = flags.FLAGS
@@ -16,6 +16,9 @@ flags.DEFINE_integer("repeats", 5, "timed repeats per measurement (median report
 flags.DEFINE_integer("seed", 0, "seed of the synthetic input")
 flags.DEFINE_integer("rows", None, "codecs: rows of the input matrix (default 512 on CPU, 8192 on accelerators)")
 flags.DEFINE_integer("cols", 4096, "codecs: columns of the input matrix (a multiple of 256)")
+flags.DEFINE_string("size", "tiny", "model: synthetic model size (tiny, small, qwen3-30b-a3b)")
+flags.DEFINE_integer("tokens", 64, "model: prompt length")
+flags.DEFINE_list("policies", ["ggml-cpu", "f32"], "model: policies to run")
 flags.DEFINE_list("formats", list(formats.QUANT_FORMATS), "codecs: formats to measure")
 
 
@@ -30,7 +33,11 @@ def bench_codecs() -> dict:
                       progress=lambda it: tqdm(it, desc="codecs", unit="format"))
 
 
-COMMANDS = {"codecs": bench_codecs}
+def bench_model() -> dict:
+    return model.run(FLAGS.size, FLAGS.tokens, FLAGS.policies, FLAGS.repeats, log=logging.info)
+
+
+COMMANDS = {"codecs": bench_codecs, "model": bench_model}
 
 
 def main(argv):
