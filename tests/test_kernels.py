@@ -1,0 +1,157 @@
+"""Pallas kernels (CPU interpreter) against numlab.ops.qmatvec on fresh random inputs: every format,
+activation mode and code path (one token, few tokens, dot tiles; column splits, unrolling, stacked
+experts), derivatives, the grouped MoE layer against its dense per-pair reference, and bad input."""
+import functools
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import numlab.formats as formats
+from numlab import kernels, ops
+from numlab.formats import QTensor
+from numlab.kernels import moe
+from numlab.kernels import qmatmul as qm
+
+RTOL = 1e-5   # of sum |w| |x|: float32 rounding of products and sums in another order
+_ref = jax.jit(ops.qmatvec, static_argnames=("act", "acc"))
+_dequantize = jax.jit(lambda w: w.dequantize())
+
+
+def _rng(*key):
+    return np.random.default_rng(abs(hash(key)) % 2**32)
+
+
+# Byte offsets of the fp16 scale fields inside a block, per format.
+_F16_FIELDS = {"q4_k": (0, 2), "q5_k": (0, 2), "q6_k": (208,), "q8_0": (0,)}
+
+
+def _weights(rng, fmt, shape):
+    """A QTensor of uniformly random block bytes (every code, scale and min pattern), its fp16 scale
+    fields set to random finite values in [1e-3, 1e-2)."""
+    spec = formats.spec(fmt)
+    *lead, rows, cols = shape
+    raw = rng.integers(0, 256, (*lead, rows, cols // spec.block_size, spec.type_size), dtype=np.uint8)
+    for off in _F16_FIELDS[fmt]:
+        half = rng.uniform(1e-3, 1e-2, raw.shape[:-1]).astype(np.float16)
+        raw[..., off:off + 2] = half[..., None].view(np.uint8)
+    return QTensor.from_bytes(jnp.asarray(raw.reshape(*lead, rows, -1)), fmt, (rows, cols))
+
+
+def _assert_close(y, ref, w: QTensor, x):
+    """|y − ref| ≤ RTOL · (|W| · |x|) elementwise, in float64; y finite and float32."""
+    assert y.dtype == jnp.float32 and y.shape == ref.shape, (y.dtype, y.shape, ref.shape)
+    scale = np.einsum("...rc,...c->...r", np.abs(np.asarray(_dequantize(w), np.float64)),
+                      np.abs(np.asarray(x, np.float64)))
+    err = np.abs(np.asarray(y, np.float64) - np.asarray(ref, np.float64))
+    assert np.all(np.isfinite(np.asarray(y))), "non-finite kernel output"
+    assert np.all(err <= RTOL * scale), f"max err/scale {np.max(err / scale):.3g}"
+
+
+INT_ACT = {"q4_k": "q8_k", "q5_k": "q8_k", "q6_k": "q8_k", "q8_0": "q8_0"}
+FMTS = ("q4_k", "q5_k", "q6_k", "q8_0")
+# (fmt, act, tokens, Config): each format through one token (float and integer paths), integer dot
+# tiles and several tokens in its CPU integer mode; float dot tiles and bf16 multi-token tiles on two
+# formats each; column splits and unrolling on the way.
+CASES = ([(f, "f32", 1, qm.Config(rows=8, tokens=1, ksplit=2)) for f in FMTS]
+         + [(f, "q8_1", 1, qm.Config(rows=16, tokens=1, unroll=2)) for f in FMTS]
+         + [(f, "q8_1", 17, qm.Config(rows=16, tokens=16, ksplit=2)) for f in FMTS]
+         + [(f, INT_ACT[f], 2, qm.Config(rows=16, tokens=2)) for f in FMTS]
+         + [(f, "f32", 17, qm.Config(rows=16, tokens=16)) for f in ("q4_k", "q6_k")]
+         + [(f, "bf16", 3, qm.Config(rows=16, tokens=4, unroll=2)) for f in ("q5_k", "q8_0")])
+
+
+@pytest.mark.parametrize("fmt,act,n,cfg", CASES, ids=[f"{f}-{a}-{n}" for f, a, n, _ in CASES])
+def test_kernel_equals_reference(fmt, act, n, cfg):
+    rng = _rng(fmt, act, n)
+    w = _weights(rng, fmt, (32, 512))
+    x = jnp.asarray(rng.standard_normal((n, 512)) * rng.lognormal(0, 1, (n, 1)), jnp.float32)
+    y = jax.jit(functools.partial(kernels.qmatvec_fast, act=act, config=cfg, interpret=True))(w, x)
+    _assert_close(y, _ref(w, x, act=act), w, x)
+
+
+def test_default_tiling_batch_axes_and_stacked_weights():
+    rng = _rng("batch")
+    w = _weights(rng, "q4_k", (16, 256))
+    x = jnp.asarray(rng.standard_normal((2, 1, 256)), jnp.float32)
+    y = jax.jit(functools.partial(kernels.qmatvec_fast, act="q8_1", interpret=True))(w, x)
+    chex.assert_shape(y, (2, 1, 16))
+    _assert_close(y, _ref(w, x, act="q8_1"), w, x)
+    ws = _weights(rng, "q6_k", (3, 16, 256))                       # experts broadcast against x
+    xs = jnp.asarray(rng.standard_normal((2, 1, 256)), jnp.float32)
+    ys = jax.jit(functools.partial(kernels.qmatvec_fast, act="f32", interpret=True))(ws, xs)
+    chex.assert_shape(ys, (2, 3, 16))
+    _assert_close(ys, _ref(ws, xs, act="f32"), ws, jnp.broadcast_to(xs, (2, 3, 256)))
+
+
+def test_derivatives_are_the_references():
+    """jvp and vjp: the dequantized linear map and its transpose, as numlab.ops.qmatvec's."""
+    rng = _rng("grad")
+    w = _weights(rng, "q5_k", (16, 256))
+    x, t = (jnp.asarray(rng.standard_normal((2, 256)), jnp.float32) for _ in range(2))
+    g = jnp.asarray(rng.standard_normal((2, 16)), jnp.float32)
+    fast = functools.partial(kernels.qmatvec_fast, w, act="q8_1", interpret=True)
+    ref = functools.partial(ops.qmatvec, w, act="q8_1")
+    jvp = jax.jit(lambda f, x, t: jax.jvp(f, (x,), (t,))[1], static_argnums=0)
+    vjp = jax.jit(lambda f, x, g: jax.vjp(f, x)[1](g)[0], static_argnums=0)
+    chex.assert_trees_all_close(jvp(fast, x, t), jvp(ref, x, t), rtol=1e-6, atol=1e-6)
+    chex.assert_trees_all_close(vjp(fast, x, g), vjp(ref, x, g), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("act,tokens", [("f32", 1), ("q8_1", 16)])
+def test_moe_ffn_equals_dense_reference(act, tokens):
+    """Grouped experts = per pair gate/up/down through ops.qmatvec, swiglu, moe_sum."""
+    rng = _rng("moe", act)
+    n_exp, d, ff, t, k = 4, 256, 256, 3, 2
+    gate, up = _weights(rng, "q4_k", (n_exp, ff, d)), _weights(rng, "q4_k", (n_exp, ff, d))
+    down = _weights(rng, "q6_k", (n_exp, d, ff))
+    x = jnp.asarray(rng.standard_normal((t, d)), jnp.float32)
+    idx = jnp.asarray(np.stack([rng.choice(n_exp, k, replace=False) for _ in range(t)]), jnp.int32)
+    wts = jnp.asarray(rng.random((t, k)), jnp.float32)
+    y = jax.jit(functools.partial(moe.moe_ffn, act=act, config=qm.Config(rows=64, tokens=tokens), interpret=True))(
+        x, idx, wts, gate, up, down)
+
+    @jax.jit
+    def dense(x, idx, wts, gate, up, down):
+        pick = lambda w: QTensor(w.data[idx], w.fmt, w.shape)
+        h = ops.swiglu(ops.qmatvec(pick(gate), x[:, None], act), ops.qmatvec(pick(up), x[:, None], act))
+        return ops.moe_sum(ops.qmatvec(pick(down), h, act), wts)
+
+    ref = dense(x, idx, wts, gate, up, down)
+    chex.assert_shape(y, (t, d))
+    chex.assert_trees_all_close(y, ref, atol=1e-5 * float(jnp.max(jnp.abs(ref))), rtol=0)
+
+
+@settings(max_examples=6)
+@given(st.integers(1, 12), st.integers(1, 4), st.integers(1, 9), st.sampled_from([1, 2, 4, 16]), st.integers(0, 99))
+def test_group_by_expert_tiles(t, k, n_exp, tokens, seed):
+    """Every pair gets its own slot; a tile holds one expert's pairs only; unused tiles are -1."""
+    k = min(k, n_exp)
+    rng = np.random.default_rng(seed)
+    idx = np.stack([rng.choice(n_exp, k, replace=False) for _ in range(t)])
+    slot, tile_expert = (np.asarray(a) for a in moe.group_by_expert(jnp.asarray(idx), n_exp, tokens))
+    assert len(set(slot.tolist())) == t * k
+    np.testing.assert_array_equal(tile_expert[slot // tokens], idx.reshape(-1))
+    used = np.zeros(len(tile_expert), bool)
+    used[slot // tokens] = True
+    assert np.all(tile_expert[~used] == -1)
+
+
+def test_errors_name_the_bad_value():
+    w = _weights(_rng("err"), "q4_k", (16, 256))
+    with pytest.raises(ValueError, match="act='q8_0'.*q8_k, q8_1"):
+        kernels.qmatvec_fast(w, jnp.ones(256), "q8_0")
+    with pytest.raises(ValueError, match="cols=256"):
+        kernels.qmatvec_fast(w, jnp.ones(128), "f32")
+    with pytest.raises(TypeError, match="QTensor"):
+        kernels.qmatvec_fast(np.ones((16, 256)), jnp.ones(256))
+    with pytest.raises(ValueError, match="power of two"):
+        qm.Config(rows=12).check()
+    with pytest.raises(ValueError, match="dot"):
+        qm.Config(dot="tf32").check()
+    assert not kernels.applies(QTensor.from_float(jnp.ones((4, 32)), "q8_0"), "f32", "f32")  # cols % 256
+    assert not kernels.applies(w, "f32", "f64")
