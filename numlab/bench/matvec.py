@@ -1,0 +1,294 @@
+"""Quantized matvec / matmul on the device: numlab's Pallas kernels against the plain-XLA reference
+(numlab.ops.qmatvec) and ggml's CUDA figures, for the shapes of issue 7.
+
+Every kernel variant is first checked against the reference on fresh random inputs (weights of
+random block bytes with finite scales); a variant that fails to compile or to agree is recorded with
+its error and skipped. Times: `calls` jitted products dispatched back to back, each on other
+activations and on weights rotated over copies that together exceed the L2 cache ("cold"), or on
+one copy ("hot", as ggml's perf loop re-runs one tensor). Reported per product: device time (the sum
+of the GPU kernels' durations in a profiler trace, activation quantization included) and wall time
+(host clock over all calls). Bandwidth counts the packed weights, activations and outputs once;
+rates are 2·m·k·n flops per second.
+"""
+import dataclasses
+import glob
+import math
+import statistics
+import tempfile
+import time
+import traceback
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.profiler import ProfileData
+
+import numlab.formats as formats
+from numlab.formats import QTensor
+from numlab.kernels import qmatmul as qm
+from numlab.ops import qmatvec as ops_qmatvec
+
+L2_BYTES = 50 << 20        # H100 L2
+ROTATE_BYTES = 3 * L2_BYTES
+CHECK_RTOL = 1e-5          # |ours - ref| <= CHECK_RTOL * (|W| |x|)
+GGML_US = {                # issue 7's table: ggml CUDA test-backend-ops perf on the lent H100, microseconds
+    ("mul_mat", "q4_k", 4096, 14336, 1): 18.1,
+    ("mul_mat", "q6_k", 4096, 14336, 1): 30.5,
+    ("mul_mat", "q8_0", 4096, 14336, 1): 27.4,
+    ("mul_mat", "q4_k", 4096, 14336, 8): 70.4,
+    ("mul_mat", "q4_k", 4096, 14336, 512): 343.0,
+    ("mul_mat_id", "q4_k", 768, 2048, 1): 8.1,
+    ("mul_mat_id", "q4_k", 768, 2048, 64): 197.0,
+    ("mul_mat_id", "q4_k", 768, 2048, 256): 313.0,
+    ("mul_mat_id", "q6_k", 768, 2048, 1): 10.7,
+}
+_F16_FIELDS = {"q4_k": (0, 2), "q5_k": (0, 2), "q6_k": (208,), "q8_0": (0,)}
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """A product of a [rows, cols] matrix in fmt with n activation rows in mode act."""
+
+    fmt: str
+    rows: int
+    cols: int
+    n: int
+    act: str
+    what: str = "mul_mat"
+
+    @property
+    def name(self) -> str:
+        return f"{self.what} {self.fmt} m={self.rows} k={self.cols} n={self.n} act={self.act}"
+
+    @property
+    def weight_bytes(self) -> int:
+        return self.rows * formats.row_bytes(self.fmt, self.cols)
+
+
+def random_weights(key, fmt: str, copies: int, rows: int, cols: int, stack: tuple = ()) -> list:
+    """`copies` QTensors of shape [*stack, rows, cols] of uniformly random block bytes, made on the
+    device, their fp16 scale fields set to random finite values in [1e-3, 1e-2)."""
+    spec = formats.spec(fmt)
+    nb = cols // spec.block_size
+
+    @jax.jit
+    def one(k):
+        k1, k2 = jax.random.split(k)
+        raw = jax.random.bits(k1, (*stack, rows, nb, spec.type_size), jnp.uint8)
+        for i, off in enumerate(_F16_FIELDS[fmt]):
+            half = jax.random.uniform(jax.random.fold_in(k2, i), raw.shape[:-1], jnp.float32, 1e-3, 1e-2)
+            raw = raw.at[..., off:off + 2].set(jax.lax.bitcast_convert_type(half.astype(jnp.float16), jnp.uint8))
+        return raw.reshape(*stack, rows, nb * spec.type_size)
+
+    return [QTensor(one(jax.random.fold_in(key, c)), fmt, (rows, cols)) for c in range(copies)]
+
+
+def copies_for(nbytes: int, calls: int) -> int:
+    """Weight copies to rotate over so that consecutive calls miss the L2 cache (at most `calls`)."""
+    return max(1, min(calls, math.ceil(ROTATE_BYTES / nbytes)))
+
+
+def _device_busy_ns(xspace_dir: str) -> tuple[float | None, list]:
+    """Sum of GPU activity durations in the trace under xspace_dir (CUPTI stream lines), and the
+    names of the lines summed; None where the trace has no GPU plane."""
+    files = glob.glob(f"{xspace_dir}/**/*.xplane.pb", recursive=True)
+    if not files:
+        return None, []
+    total, names = 0.0, []
+    for plane in ProfileData.from_file(files[0]).planes:
+        if not plane.name.startswith("/device:GPU"):
+            continue
+        lines = [ln for ln in plane.lines if ln.name.startswith("Stream")] or \
+                [ln for ln in plane.lines if ln.name not in ("XLA Modules", "XLA Ops", "Steps", "Source")]
+        for ln in lines:
+            names.append(ln.name)
+            total += sum(e.duration_ns for e in ln.events)
+    return (total if names else None), names
+
+
+def time_calls(fn, arg_sets, calls: int, repeats: int) -> dict:
+    """Per-call device and wall seconds of fn over `calls` calls cycling through arg_sets, after a
+    warm-up: wall = median over `repeats` rounds; device = kernel time in one traced round."""
+    jax.block_until_ready([fn(*a) for a in arg_sets])
+    walls = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready([fn(*arg_sets[i % len(arg_sets)]) for i in range(calls)])
+        walls.append((time.perf_counter() - t0) / calls)
+    out = {"wall_s": statistics.median(walls), "wall_best_s": min(walls)}
+    try:
+        with tempfile.TemporaryDirectory() as d:
+            with jax.profiler.trace(d):
+                jax.block_until_ready([fn(*arg_sets[i % len(arg_sets)]) for i in range(calls)])
+            busy, names = _device_busy_ns(d)
+        out["device_s"] = None if busy is None else busy * 1e-9 / calls
+        out["trace_lines"] = names[:8]
+    except Exception as e:  # no profiler on this machine: wall times only
+        out["device_s"], out["trace_error"] = None, f"{type(e).__name__}: {e}"[:500]
+    return out
+
+
+def _rel_err(y, ref, w_deq, x) -> float:
+    """max |y - ref| / (|W| |x|) over outputs (NaN or Inf in y: inf)."""
+    scale = jnp.einsum("...rc,...c->...r", jnp.abs(w_deq), jnp.abs(x.astype(jnp.float32)),
+                       precision=jax.lax.Precision.HIGHEST)
+    err = jnp.abs(y - ref) / jnp.maximum(scale, 1e-30)
+    return float(jnp.where(jnp.all(jnp.isfinite(y)), jnp.max(err), jnp.inf))
+
+
+def figures(case: Case, t: dict, copy_bw: float) -> dict:
+    """Device and wall time per product, bandwidth and rate (from device time where there is one),
+    their ratios to the copy bandwidth and to ggml."""
+    seconds = t["device_s"] or t["wall_s"]
+    moved = case.weight_bytes + 4 * case.n * (case.cols + case.rows)
+    ggml_us = GGML_US.get((case.what, case.fmt, case.rows, case.cols, case.n))
+    return {"device_us": None if t["device_s"] is None else t["device_s"] * 1e6, "wall_us": t["wall_s"] * 1e6,
+            "wall_best_us": t["wall_best_s"] * 1e6, "gb_per_s": moved / seconds / 1e9,
+            "of_copy_bandwidth": moved / seconds / copy_bw,
+            "tflop_per_s": 2 * case.rows * case.cols * case.n / seconds / 1e12,
+            "ggml_us": ggml_us, "ggml_over_ours": None if ggml_us is None else ggml_us * 1e-6 / seconds,
+            **{k: t[k] for k in ("trace_lines", "trace_error") if k in t}}
+
+
+def kernel_product(case: Case, cfg: qm.Config):
+    """jit (w QTensor [rows, cols], x [n, cols]) -> y: activation preparation and the kernel."""
+    interpret = jax.default_backend() == "cpu"
+
+    def product(w, x):
+        n_tiles = -(-case.n // cfg.tokens)
+        xp = jnp.pad(x, ((0, n_tiles * cfg.tokens - case.n), (0, 0)))
+        y = qm.qmatmul(w.data[None], w.fmt, w.shape, qm.prepare(xp, case.act), jnp.zeros((n_tiles,), jnp.int32),
+                       case.act, cfg, interpret)
+        return y[:case.n]
+    return jax.jit(product)
+
+
+def reference_product(case: Case):
+    """jit (w, x) -> y through numlab.ops.qmatvec: the plain-XLA path."""
+    return jax.jit(lambda w, x: ops_qmatvec(w, x, case.act, "f32"))
+
+
+def measure(case: Case, fn, ws: list, xs: list, calls: int, repeats: int, copy_bw: float,
+            check: bool = True, hot: bool = False) -> dict:
+    """Check against the reference (optional) and time fn; errors are recorded, not raised."""
+    entry = {}
+    try:
+        t0 = time.perf_counter()
+        y = jax.block_until_ready(fn(ws[0], xs[0]))
+        entry["compile_and_first_s"] = time.perf_counter() - t0
+        if check:
+            ref = reference_product(case)(ws[0], xs[0])
+            w_deq = jax.jit(lambda d: formats.dequantize(d, case.fmt))(ws[0].data)
+            entry["max_err_over_scale"] = _rel_err(y, ref, w_deq, xs[0])
+            entry["ok"] = bool(entry["max_err_over_scale"] <= CHECK_RTOL)
+        cold = [(ws[i % len(ws)], xs[i % len(xs)]) for i in range(max(len(ws), len(xs)))]
+        entry["cold"] = figures(case, time_calls(fn, cold, calls, repeats), copy_bw)
+        if hot:
+            entry["hot"] = figures(case, time_calls(fn, [(ws[0], x) for x in xs], calls, repeats), copy_bw)
+    except Exception as e:  # a kernel that fails to compile or run is a result, not the end of the run
+        entry["error"] = f"{type(e).__name__}: {e}"[:2000]
+        entry["traceback"] = traceback.format_exc()[-4000:]
+        entry["ok"] = False
+    return entry
+
+
+def config_dict(cfg: qm.Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def _us(entry: dict) -> float:
+    c = entry["cold"]
+    return c["device_us"] if c["device_us"] is not None else c["wall_us"]
+
+
+def sweep(case: Case, configs, key, repeats: int, copy_bw: float, deadline: float, log=print) -> dict:
+    """The reference and every config of `configs` for one case (until the deadline), and the best."""
+    calls = 8 if case.n >= 256 or case.weight_bytes > (200 << 20) else 32
+    copies = copies_for(case.weight_bytes, calls)
+    kw, kx = jax.random.split(key)
+    ws = random_weights(kw, case.fmt, copies, case.rows, case.cols)
+    xs = [jax.random.normal(jax.random.fold_in(kx, i), (case.n, case.cols), jnp.float32) for i in range(8)]
+    out = {"case": dataclasses.asdict(case), "weight_bytes": case.weight_bytes, "copies": copies,
+           "calls_per_timing": calls, "reference": None, "variants": []}
+    if time.perf_counter() < deadline:
+        out["reference"] = measure(case, reference_product(case), ws, xs, calls, repeats, copy_bw, check=False)
+        log(f"{case.name}: reference {_brief(out['reference'])}")
+    for i, cfg in enumerate(configs):
+        if time.perf_counter() > deadline:
+            out["skipped_for_time"] = [config_dict(c) for c in configs[i:]]
+            break
+        e = measure(case, kernel_product(case, cfg), ws, xs, calls, repeats, copy_bw, hot=(i == 0 and case.n == 1))
+        e["config"] = config_dict(cfg)
+        out["variants"].append(e)
+        log(f"{case.name}: {cfg} -> {_brief(e)}")
+    good = [v for v in out["variants"] if v.get("ok") and "cold" in v]
+    out["best"] = min(good, key=_us) if good else None
+    if out["best"] and out["reference"] and "cold" in out["reference"]:
+        out["best_speedup_over_reference"] = _us(out["reference"]) / _us(out["best"])
+    return out
+
+
+def _brief(e: dict) -> str:
+    if "cold" not in e:
+        return f"ERROR {e.get('error', '?')[:300]}"
+    c = e["cold"]
+    dev = "n/a" if c["device_us"] is None else f"{c['device_us']:.1f}"
+    ggml = "" if c["ggml_over_ours"] is None else f", ggml/ours {c['ggml_over_ours']:.2f}"
+    check = "" if "ok" not in e else f", ok={e['ok']} err={e['max_err_over_scale']:.2g}"
+    return (f"device {dev} us, wall {c['wall_us']:.1f} us, {c['gb_per_s']:.0f} GB/s "
+            f"({c['of_copy_bandwidth']:.2f} of copy), {c['tflop_per_s']:.2f} TFLOP/s{ggml}{check}")
+
+
+def _cfg(rows, tokens=1, ksplit=1, unroll=1, warps=4, stages=3, dot="f32"):
+    return qm.Config(rows=rows, tokens=tokens, ksplit=ksplit, unroll=unroll, num_warps=warps,
+                     num_stages=stages, dot=dot)
+
+
+# Variants, most promising first (a run out of time keeps the first ones).
+ONE_TOKEN = [_cfg(32, ksplit=4, warps=8), _cfg(32, ksplit=8, warps=8), _cfg(16, ksplit=4, warps=4),
+             _cfg(32, ksplit=2, warps=8), _cfg(64, ksplit=4, warps=8), _cfg(32, ksplit=4, unroll=2, warps=8),
+             _cfg(16, ksplit=8, warps=8), _cfg(64, ksplit=2, warps=16), _cfg(32, ksplit=4, warps=8, stages=2),
+             _cfg(32, ksplit=4, warps=8, stages=4), _cfg(8, ksplit=4, warps=2), _cfg(32, ksplit=1, warps=8)]
+FEW_TOKENS = [_cfg(32, tokens=8, ksplit=4, warps=8), _cfg(16, tokens=8, ksplit=4, warps=4),
+              _cfg(64, tokens=16, ksplit=2, warps=4), _cfg(32, tokens=16, ksplit=4, warps=4),
+              _cfg(32, tokens=8, ksplit=8, warps=8), _cfg(64, tokens=16, ksplit=4, warps=8)]
+MANY_TOKENS = [_cfg(64, tokens=64, warps=4), _cfg(128, tokens=64, warps=8), _cfg(64, tokens=128, warps=8),
+               _cfg(128, tokens=128, warps=8), _cfg(64, tokens=32, warps=4), _cfg(32, tokens=64, warps=4)]
+
+
+def default_cases():
+    """(case, configs) in priority order: issue 7's MUL_MAT rows, then attention and lm_head shapes."""
+    big = (4096, 14336)
+    cases = []
+    for act in ("q8_1", "f32", "q8_k"):
+        cases.append((Case("q4_k", *big, 1, act), ONE_TOKEN if act != "q8_k" else ONE_TOKEN[:4]))
+    for fmt, acts in (("q6_k", ("q8_1", "f32", "q8_k")), ("q8_0", ("q8_1", "f32", "q8_0"))):
+        for act in acts:
+            cases.append((Case(fmt, *big, 1, act), ONE_TOKEN[:4]))
+    for act in ("q8_1", "f32", "q8_k"):
+        cases.append((Case("q4_k", *big, 8, act), FEW_TOKENS if act != "q8_k" else FEW_TOKENS[:3]))
+    for act in ("q8_1", "f32"):
+        cases.append((Case("q4_k", *big, 512, act), MANY_TOKENS[:4] if act == "q8_1" else
+                      [dataclasses.replace(c, dot=d) for c in MANY_TOKENS[:2] for d in ("f32", "tf32x3")]))
+    for rows, cols, fmt in ((4096, 2048, "q4_k"), (512, 2048, "q4_k"), (512, 2048, "q6_k"), (151936, 2048, "q6_k")):
+        for act in ("q8_1", "f32"):
+            cases.append((Case(fmt, rows, cols, 1, act), ONE_TOKEN[:3]))
+    return cases
+
+
+def run(cases=None, repeats: int = 20, budget_s: float = 240.0, seed: int = 0, copy_bw: float | None = None,
+        log=print) -> dict:
+    """Every case with its variants until budget_s is spent; the device, versions and copy bandwidth."""
+    from numlab.bench.codecs import copy_bandwidth
+    start = time.perf_counter()
+    dev = jax.devices()[0]
+    copy_bw = copy_bw or copy_bandwidth(1 << 30, repeats)
+    log(f"device {dev.device_kind}, jax {jax.__version__}, copy bandwidth {copy_bw / 1e9:.0f} GB/s")
+    results = []
+    for i, (case, configs) in enumerate(cases or default_cases()):
+        results.append(sweep(case, configs, jax.random.PRNGKey(seed * 1000 + i), repeats, copy_bw,
+                             start + budget_s, log))
+    return {"device": dev.device_kind, "platform": dev.platform, "jax_version": jax.__version__,
+            "copy_bandwidth_bytes_per_s": copy_bw, "repeats": repeats, "check_rtol": CHECK_RTOL,
+            "ggml_source": "issue 7 table (ggml CUDA test-backend-ops perf, H100)",
+            "notes": __doc__, "elapsed_s": time.perf_counter() - start, "cases": results}
