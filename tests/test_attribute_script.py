@@ -73,7 +73,7 @@ def test_report_parses_back_and_holds_the_numbers(default_run):
     md = (out / "report.md").read_text()
     assert report.markdown(rep) == md
     assert md.startswith("# Divergence of `ggml-cpu` from `f32`")
-    assert "**Leading cause: matvec act f32→q8_k**" in md
+    assert "**Leading cause: matvec act f32→q8_k** (matvec: activations quantized to q8_k (reference f32))" in md
 
 
 def test_refuses_to_overwrite_and_rejects_bad_flags(default_run, tmp_path):

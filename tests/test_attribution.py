@@ -2,7 +2,6 @@
 in a real (small synthetic) Qwen3-MoE: one low group must get the attribution, closure, ablation
 against integrated gradients, forced routing and planted swaps."""
 import functools
-import math
 
 import chex
 import jax
@@ -13,8 +12,7 @@ import pytest
 from numlab.analysis import attribution as A
 from numlab.analysis import metrics
 from numlab.models.config import Qwen3MoeConfig
-from numlab.models.qwen3_moe import forward
-from numlab.models.sites import site_kinds, site_names
+from numlab.models.sites import site_names
 from numlab.models.synthetic import make_model
 
 # Small enough to compile quickly, with the real layout (Q4_K_M mix, two layer variants).
@@ -195,13 +193,8 @@ def test_planted_swap_free_forced_and_attributed():
     moves = np.asarray(res["ig"]["margin"])[:, flipped]             # [groups, flips]
     names = res["groups"].names
     assert np.all(moves[names.index("blk.1")] / moves.sum(axis=0) >= 0.95)
-    # the forced replay keeps the reference's choices by construction; the free run reproduces the flips
-    model, n = _model(), len(site_kinds(CFG))
-    tr = jax.vmap(lambda tk, fe: forward(model, tk, PLANT_SWAP, ref="f32", mix=jnp.ones(n), force_experts=fe))(
-        jnp.asarray(TOKENS, jnp.int32), jnp.asarray(r0["topk_idx"]))
-    np.testing.assert_array_equal(tr.topk_idx, r0["topk_idx"])
-    np.testing.assert_allclose(metrics.one_minus_cos(tr.resid, r0["resid"]).mean(axis=(0, 2)), forced,
-                               rtol=1e-3, atol=1e-12)
-    free_run = jax.vmap(lambda tk: forward(model, tk, PLANT_SWAP))(jnp.asarray(TOKENS, jnp.int32))
-    np.testing.assert_array_equal(np.asarray(metrics.swaps(r0["topk_idx"], free_run.topk_idx)) > 0, flipped)
-    assert math.isfinite(float(np.sum(res["forced"]["kld"])))
+    assert _share(res, "blk.1") >= 0.95 and _share(res, "blk.1", "kld") >= 0.95
+    # the forced replay keeps the reference's choices by construction, along the whole path
+    assert res["forced"]["swaps"] == 0
+    # routing accounting in the report's terms: the swaps cause part of layer 1's divergence
+    assert 0 < (free[1] - forced[1]) / free[1] < 1

@@ -12,6 +12,7 @@ import re
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 from numlab import policy as policy_lib
 from numlab.analysis import metrics
@@ -106,21 +107,34 @@ def quadrature(n: int, rule: str = "gauss"):
     raise ValueError(f"unknown quadrature rule {rule!r}; valid: {', '.join(RULES)}")
 
 
+def path_derivatives(f, G, ts, args=(), reduce=None, progress=None) -> list:
+    """[(f(t·1, *args), D(t)) for t in ts], D[g] = d f / d m along G[g] (directional). One jit compile
+    serves every t (args are traced, not baked in); reduce(out, D, *args) -> anything, if given, is
+    applied inside the compiled function (to keep large tangents on the device). numpy results;
+    `progress` wraps the iterable of nodes (e.g. tqdm)."""
+    G = jnp.asarray(G)
+    ones = jnp.ones(G.shape[1], G.dtype)
+
+    def at(t, G, args):
+        out, d = directional(lambda m: f(m, *args), t * ones, G)
+        return (out, d) if reduce is None else reduce(out, d, *args)
+    at = jax.jit(at)
+    wrap = progress or (lambda it: it)
+    return [jax.tree.map(np.asarray, at(jnp.asarray(t, G.dtype), G, tuple(args))) for t in wrap(list(ts))]
+
+
+def weighted_sum(trees, weights):
+    """sum_j weights[j] · trees[j], leaf by leaf (a quadrature over path nodes). numpy float64."""
+    return jax.tree.map(lambda *xs: np.tensordot(np.asarray(weights, np.float64),
+                                                 np.stack([np.asarray(x, np.float64) for x in xs]), axes=1), *trees)
+
+
 def integrated_gradients(f, G, n_points: int = 8, rule: str = "gauss", args=(), progress=None):
     """Integrated gradients along the straight path m = t·1, t from 0 to 1, per group:
     IG[g] = ∫ d f(t·1, *args) / d m_g dt by the quadrature rule, stacked over groups. If G partitions
-    the sites, sum_g IG[g] = f(1) - f(0) up to the quadrature error and f's jumps (see closure).
-    One jit compile serves all nodes (args are traced, not baked in); `progress` wraps the nodes."""
-    G = jnp.asarray(G)
-    ones = jnp.ones(G.shape[1], G.dtype)
-    at = jax.jit(lambda t, G, args: directional(lambda m: f(m, *args), t * ones, G)[1])
+    the sites, sum_g IG[g] = f(1) - f(0) up to the quadrature error and f's jumps (see closure)."""
     t, w = quadrature(n_points, rule)
-    total = None
-    for ti, wi in (progress or (lambda it: it))(list(zip(t, w))):
-        d = at(jnp.asarray(ti, G.dtype), G, tuple(args))
-        total = jax.tree.map(lambda x: wi * x, d) if total is None else \
-            jax.tree.map(lambda acc, x: acc + wi * x, total, d)
-    return total
+    return weighted_sum([d for _, d in path_derivatives(f, G, t, args, progress=progress)], w)
 
 
 def closure(ig, f0, f1) -> dict:
@@ -193,20 +207,26 @@ def _row_summary(rows, r0):
                 last_agree=metrics.argmax_agree(r0["logits"][:, -1], rows["logits"][:, :, -1]))
 
 
-@functools.partial(jax.jit, static_argnames=("low", "ref"))
-def _node(model, tokens, t, G, r0, *, low, ref):
-    """At m = t·1 with the reference's expert choices forced: the targets (1 - cos per layer [L], mean
-    KLD, the reference set's router margin [P, L, T]), their derivatives along each group, and the
-    linear-propagation split of 1 - cos per group and layer [n_groups, L] (meaningful at t = 0)."""
-    def f(m):
-        tr = _traces(model, tokens, m[None], r0["topk_idx"], low, ref)
-        resid = tr.resid[0]
-        return dict(omc=metrics.one_minus_cos(resid, r0["resid"]).mean(axis=(0, 2)),
-                    kld=metrics.kld(r0["logits"], tr.logits[0]).mean(),
-                    margin=metrics.set_margin(tr.router_logits[0], r0["topk_idx"]), resid=resid)
-    out, d = directional(f, t * jnp.ones(G.shape[1], G.dtype), G)
-    lin = linear_cosine_drop(r0["resid"], d.pop("resid")).mean(axis=(1, 3))
+def _targets(m, model, tokens, r0, low, ref):
+    """What is attributed, at mix m with the reference's expert choices r0["topk_idx"] forced: 1 - cos
+    per layer [L] and mean KLD against the reference r0, the reference set's router margin
+    [P, L, T]; the residual stream [P, L, T, D] (for linear propagation); and, as a check, the number
+    of experts the forced run swapped (0 by construction)."""
+    tr = _traces(model, tokens, m[None], r0["topk_idx"], low, ref)
+    resid = tr.resid[0]
+    swapped = metrics.swaps(r0["topk_idx"], tr.topk_idx[0]).sum().astype(m.dtype)
+    return dict(omc=metrics.one_minus_cos(resid, r0["resid"]).mean(axis=(0, 2)),
+                kld=metrics.kld(r0["logits"], tr.logits[0]).mean(),
+                margin=metrics.set_margin(tr.router_logits[0], r0["topk_idx"]), resid=resid,
+                swaps=lax.stop_gradient(swapped))
+
+
+def _linear_split(out, d, model, tokens, r0):
+    """Drop the residual stream and its tangents, keeping their linear-propagation split of 1 - cos
+    per group and layer [n_groups, L] (meaningful at m = 0)."""
+    out, d = dict(out), dict(d)
     out.pop("resid")
+    lin = linear_cosine_drop(r0["resid"], d.pop("resid")).mean(axis=(1, 3))
     return out, d, lin
 
 
@@ -262,15 +282,12 @@ def analyze(model, tokens, low, ref, *, by: str = "kind", ig_points: int = 8, ru
     summ = jax.tree.map(lambda *a: np.concatenate(a), *summaries)
 
     t, w = quadrature(ig_points, rule)
-    nodes = list(t) + [1.0, 0.0]
-    prim, deriv, lin = [], [], []
-    for ti in wrap(nodes, desc=f"gradients: {ig_points} path nodes, m = 1 and m = 0", unit="node"):
-        o, d, li = _node(model, tokens, jnp.asarray(ti, G.dtype), G, r0, low=low, ref=ref)
-        prim.append(jax.tree.map(np.asarray, o))
-        deriv.append(jax.tree.map(np.asarray, d))
-        lin.append(np.asarray(li))
-    ig = jax.tree.map(lambda *d: np.tensordot(w, np.stack(d), axes=1), *deriv[:ig_points])
-    forced, first = prim[ig_points], deriv[ig_points]
+    nodes = path_derivatives(
+        lambda m, *a: _targets(m, *a, low, ref), G, list(t) + [1.0, 0.0], args=(model, tokens, r0),
+        reduce=_linear_split, progress=lambda it: wrap(it, desc=f"gradients: {ig_points} path nodes, m = 1, m = 0",
+                                                       unit="node"))
+    ig = weighted_sum([d for _, d, _ in nodes[:ig_points]], w)
+    (forced, first, _), (_, zero, lin) = nodes[ig_points], nodes[ig_points + 1]
 
     r0 = jax.tree.map(np.asarray, r0)
     tok = np.asarray(tokens)
@@ -284,8 +301,7 @@ def analyze(model, tokens, low, ref, *, by: str = "kind", ig_points: int = 8, ru
         ref_summary=jax.tree.map(lambda a: a[0], summ), low_summary=jax.tree.map(lambda a: a[1], summ),
         ablation=jax.tree.map(lambda a: a[2:2 + n_g], summ),
         leave_one_out=jax.tree.map(lambda a: a[2 + n_g:], summ),
-        forced=dict(omc=forced["omc"], kld=forced["kld"], margin=forced["margin"]),
-        ig=ig, first_order=first, linear=dict(omc=lin[-1]), zero_grad=deriv[-1],
+        forced=forced, ig=ig, first_order=first, linear=dict(omc=lin), zero_grad=zero,
     )
 
 

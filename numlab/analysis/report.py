@@ -2,6 +2,7 @@
 (report.json), and a Markdown summary that leads with what a reader wants (report.md).
 Numbers are float64; the JSON parses back with `load`."""
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,32 @@ from numlab.io import atomic_write_json, atomic_write_text
 
 TOP_GROUPS = 8      # groups shown in the Markdown tables
 TOP_SWAPS = 10      # flipped router choices listed in the Markdown
+
+
+_WORDS = {
+    "act": lambda v: f"activations quantized to {v}" if v.startswith("q") else f"activations rounded to {v}",
+    "acc": lambda v: f"accumulation in {v}",
+    "dtype": lambda v: f"computed in {v}",
+    "order": lambda v: f"{v} summation order",
+    "exp": lambda v: f"exp computed as {v}",
+}
+
+
+def _word(field: str, value: str) -> str:
+    return _WORDS[field](value) if field in _WORDS else f"{field} {value}"
+
+
+def gloss(cause: str) -> str:
+    """Plain words for a cause of attribution.describe_groups: "matvec act f32→q8_k" -> "matvec:
+    activations quantized to q8_k (reference f32)"."""
+    parts = []
+    for alt in cause.split(" | "):
+        kind, _, rest = alt.partition(" ")
+        changes = re.findall(r"(\w+) (\w+)→(\w+)", rest)
+        if not changes:
+            return cause
+        parts.append(f"{kind}: " + ", ".join(f"{_word(f, b)} (reference {a})" for f, a, b in changes))
+    return "; ".join(parts)
 
 
 def _f(x):
@@ -104,6 +131,11 @@ def _swaps(res, order) -> dict:
                 flips=items)
 
 
+def _removed(free, forced):
+    """(free - forced) / free: the part of a divergence that forcing the reference's routing removes."""
+    return None if free is None or forced is None or free == 0 else (free - forced) / free
+
+
 def build(res, meta=None) -> dict:
     """Every number of an analyze result as JSON-able data (see the module docstring of report)."""
     names, causes = res["groups"].names, res["causes"]
@@ -142,7 +174,7 @@ def build(res, meta=None) -> dict:
     layers = _layers(res)
     logits = _logits(res)
     swaps = _swaps(res, order)
-    inc = np.diff(np.concatenate([[0.0], layers["one_minus_cos"]]))
+    inc = np.diff(np.concatenate([[0.0], np.asarray(layers["one_minus_cos"], np.float64)]))
     drops = [dict(layer=int(l), one_minus_cos=layers["one_minus_cos"][l], increase=_f(inc[l]),
                   cos_mean=layers["cos_mean"][l], cos_min=layers["cos_min"][l])
              for l in np.argsort(-inc)[:3] if inc[l] > 0]
@@ -174,18 +206,14 @@ def build(res, meta=None) -> dict:
                          kld={k: _f(v) for k, v in clo_kld.items()}),
             routing=dict(omc_free=_lst(omc_free), omc_forced=_lst(omc_forced), share=layers["routing_share"],
                          sum_share=_removed(n_free, n_forced), kld_free=kld_free, kld_forced=kld_forced,
-                         kld_share=_removed(kld_free, kld_forced)),
+                         kld_share=_removed(kld_free, kld_forced), forced_swaps=int(res["forced"]["swaps"])),
             swaps=swaps,
             zero_gradient=dict(max_abs_omc=_f(np.max(np.abs(res["zero_grad"]["omc"]))),
                                max_abs_kld=_f(np.max(np.abs(res["zero_grad"]["kld"])))),
         ),
-        compare=dict(res.get("compare", {})),
+        compare={name: dict(policy=c["policy"], one_minus_cos=_lst(c["one_minus_cos"]), swaps=_lst(c["swaps"]),
+                            kld=_f(c["kld"])) for name, c in res.get("compare", {}).items()},
     )
-
-
-def _removed(free, forced):
-    """(free - forced) / free: the part of a divergence that forcing the reference's routing removes."""
-    return None if free is None or forced is None or free == 0 else (free - forced) / free
 
 
 def _g(x) -> str:
@@ -216,8 +244,8 @@ def markdown(rep: dict) -> str:
     lc = h["leading_cause"]
     if lc:
         top = ", ".join(f"{g['name']} {_pct(g['share'])}" for g in att["groups"][:3])
-        out.append(f"- **Leading cause: {lc['cause']}** — {_pct(lc['share'])} of the attributed 1 − cos "
-                   f"(summed over layers, reference routing); top groups: {top}.")
+        out.append(f"- **Leading cause: {lc['cause']}** ({gloss(lc['cause'])}) — {_pct(lc['share'])} of the "
+                   f"attributed 1 − cos (summed over layers, reference routing); top groups: {top}.")
     out.append(f"- **Expert swaps**: {h['changed_choices']} of {h['choices']} token-layer top-{lay['k']} sets "
                f"changed ({h['swaps']} experts swapped). Forcing the reference's choices removes "
                f"{_pct(h['routing_share'])} of the summed 1 − cos: that part is caused by the swaps.")
@@ -233,6 +261,11 @@ def markdown(rep: dict) -> str:
         out.append(f"| {l} | {_c(lay['cos_mean'][l])} | {_g(lay['one_minus_cos'][l])} | {_c(lay['cos_min'][l])} | "
                    f"{_g(lay['rel_l2'][l])} | {_g(lay['max_abs'][l])} | {_pct(lay['changed_share'][l])} | "
                    f"{_g(lay['forced_one_minus_cos'][l])} | {_pct(lay['routing_share'][l])} |")
+    if rep["compare"]:
+        out += ["", "Further policies against the same reference (1 − cos per layer, experts swapped, mean KLD):", ""]
+        for name, c in rep["compare"].items():
+            out.append(f"- `{name}`: 1 − cos {', '.join(_g(v) for v in c['one_minus_cos'])}; "
+                       f"{int(sum(v or 0 for v in c['swaps']))} swaps; KLD {_g(c['kld'])}")
     out += ["", "## Top causes", "",
             "Share: integrated gradients of 1 − cos summed over layers (reference routing forced). Linear: the "
             "split of the linearised 1 − cos (J_g e_g by forward mode at m = 0). Only g low / all but g: "
@@ -274,7 +307,8 @@ def markdown(rep: dict) -> str:
             f"{_g(clo['omc_sum']['attributed'])}, gap {_g(clo['omc_sum']['gap'])} ({_pct(clo['omc_sum']['rel_gap'])}); "
             f"KLD: change {_g(clo['kld']['change'])}, gap {_pct(clo['kld']['rel_gap'])}.",
             f"- Routing: KLD free {_g(rt['kld_free'])}, forced {_g(rt['kld_forced'])} "
-            f"({_pct(rt['kld_share'])} from swaps).",
+            f"({_pct(rt['kld_share'])} from swaps); the forced replay swapped {rt['forced_swaps']} experts "
+            "(0 by construction).",
             f"- Gradient of 1 − cos at m = 0 (quadratic there, never used for attribution): max "
             f"{_g(att['zero_gradient']['max_abs_omc'])}.", ""]
     return "\n".join(out)
