@@ -11,6 +11,7 @@ of the GPU kernels' durations in a profiler trace, activation quantization inclu
 rates are 2·m·k·n flops per second.
 """
 import dataclasses
+import functools
 import glob
 import math
 import statistics
@@ -136,16 +137,18 @@ def _rel_err(y, ref, w_deq, x) -> float:
     return float(jnp.where(jnp.all(jnp.isfinite(y)), jnp.max(err), jnp.inf))
 
 
-def figures(case: Case, t: dict, copy_bw: float) -> dict:
+def figures(case: Case, t: dict, copy_bw: float, moved: float | None = None, flops: float | None = None) -> dict:
     """Device and wall time per product, bandwidth and rate (from device time where there is one),
-    their ratios to the copy bandwidth and to ggml."""
+    their ratios to the copy bandwidth and to ggml. moved, flops: default one [rows, cols] matrix's
+    packed bytes plus float32 activations and outputs, and 2·rows·cols·n."""
     seconds = t["device_s"] or t["wall_s"]
-    moved = case.weight_bytes + 4 * case.n * (case.cols + case.rows)
+    moved = moved or case.weight_bytes + 4 * case.n * (case.cols + case.rows)
+    flops = flops or 2 * case.rows * case.cols * case.n
     ggml_us = GGML_US.get((case.what, case.fmt, case.rows, case.cols, case.n))
     return {"device_us": None if t["device_s"] is None else t["device_s"] * 1e6, "wall_us": t["wall_s"] * 1e6,
             "wall_best_us": t["wall_best_s"] * 1e6, "gb_per_s": moved / seconds / 1e9,
             "of_copy_bandwidth": moved / seconds / copy_bw,
-            "tflop_per_s": 2 * case.rows * case.cols * case.n / seconds / 1e12,
+            "tflop_per_s": flops / seconds / 1e12,
             "ggml_us": ggml_us, "ggml_over_ours": None if ggml_us is None else ggml_us * 1e-6 / seconds,
             **{k: t[k] for k in ("trace_lines", "trace_error") if k in t}}
 
@@ -163,9 +166,16 @@ def kernel_product(case: Case, cfg: qm.Config):
     return jax.jit(product)
 
 
+@functools.lru_cache(maxsize=None)
 def reference_product(case: Case):
-    """jit (w, x) -> y through numlab.ops.qmatvec: the plain-XLA path."""
+    """jit (w, x) -> y through numlab.ops.qmatvec: the plain-XLA path (one per case)."""
     return jax.jit(lambda w, x: ops_qmatvec(w, x, case.act, "f32"))
+
+
+@functools.lru_cache(maxsize=None)
+def dequantizer(fmt: str):
+    """jit data -> float32 weights in fmt."""
+    return jax.jit(lambda d: formats.dequantize(d, fmt))
 
 
 def measure(case: Case, fn, ws: list, xs: list, calls: int, repeats: int, copy_bw: float,
@@ -178,7 +188,7 @@ def measure(case: Case, fn, ws: list, xs: list, calls: int, repeats: int, copy_b
         entry["compile_and_first_s"] = time.perf_counter() - t0
         if check:
             ref = reference_product(case)(ws[0], xs[0])
-            w_deq = jax.jit(lambda d: formats.dequantize(d, case.fmt))(ws[0].data)
+            w_deq = dequantizer(case.fmt)(ws[0].data)
             entry["max_err_over_scale"] = _rel_err(y, ref, w_deq, xs[0])
             entry["ok"] = bool(entry["max_err_over_scale"] <= CHECK_RTOL)
         cold = [(ws[i % len(ws)], xs[i % len(xs)]) for i in range(max(len(ws), len(xs)))]
@@ -292,3 +302,51 @@ def run(cases=None, repeats: int = 20, budget_s: float = 240.0, seed: int = 0, c
             "copy_bandwidth_bytes_per_s": copy_bw, "repeats": repeats, "check_rtol": CHECK_RTOL,
             "ggml_source": "issue 7 table (ggml CUDA test-backend-ops perf, H100)",
             "notes": __doc__, "elapsed_s": time.perf_counter() - start, "cases": results}
+
+
+def check_all(key, deadline: float, log=print) -> list:
+    """Every format and activation mode through the default tilings for 1, 3 and 17 tokens against
+    the reference on fresh random inputs (small shapes): [{fmt, act, n, max_err_over_scale, ok}]."""
+    from numlab.kernels import tuning
+    out = []
+    cpu_int = {"q4_k": "q8_k", "q5_k": "q8_k", "q6_k": "q8_k", "q8_0": "q8_0"}
+    for i, fmt in enumerate(("q4_k", "q6_k", "q8_0", "q5_k")):
+        combos = [("f32", 1), ("q8_1", 1), ("q8_1", 17), ("f32", 17), (cpu_int[fmt], 3), ("bf16", 3), ("f16", 1)]
+        ws = random_weights(jax.random.fold_in(key, i), fmt, 1, 256, 1024)
+        for j, (act, n) in enumerate(combos):
+            case = Case(fmt, 256, 1024, n, act, "check")
+            entry = {"fmt": fmt, "act": act, "n": n}
+            if time.perf_counter() > deadline:
+                entry["skipped_for_time"] = True
+                out.append(entry)
+                continue
+            cfg = tuning.config_for(fmt, act, n, 256, 1024)
+            x = jax.random.normal(jax.random.fold_in(key, 100 * i + j), (n, 1024), jnp.float32)
+            try:
+                y = kernel_product(case, cfg)(ws[0], x)
+                ref = reference_product(case)(ws[0], x)
+                w_deq = dequantizer(fmt)(ws[0].data)
+                entry["max_err_over_scale"] = _rel_err(y, ref, w_deq, x)
+                entry["ok"] = bool(entry["max_err_over_scale"] <= CHECK_RTOL)
+            except Exception as e:  # recorded, the run goes on
+                entry.update(ok=False, error=f"{type(e).__name__}: {e}"[:2000])
+            entry["config"] = config_dict(cfg)
+            log(f"check {fmt} act={act} n={n}: ok={entry['ok']} {entry.get('max_err_over_scale', entry.get('error'))}")
+            out.append(entry)
+    return out
+
+
+def table(result: dict) -> str:
+    """One line per case: reference, best kernel and ggml times (device us), ratios."""
+    lines = [f"{'case':60s} {'xla us':>9s} {'ours us':>9s} {'ggml us':>8s} {'ggml/ours':>9s} {'of copy':>7s}"]
+    for c in result["cases"]:
+        case = Case(**c["case"])
+        ref = c.get("reference") or {}
+        best = c.get("best")
+        r = _us(ref) if "cold" in ref else float("nan")
+        b = _us(best) if best else float("nan")
+        g = GGML_US.get((case.what, case.fmt, case.rows, case.cols, case.n))
+        ratio = f"{g / b:9.2f}" if g and best else " " * 9
+        frac = f"{best['cold']['of_copy_bandwidth']:7.2f}" if best else " " * 7
+        lines.append(f"{case.name:60s} {r:9.1f} {b:9.1f} {(g or float('nan')):8.1f} {ratio} {frac}")
+    return "\n".join(lines)

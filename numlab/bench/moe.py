@@ -1,0 +1,168 @@
+"""The MoE layer's products on the device: issue 7's MUL_MAT_ID (one expert projection, 128 experts,
+8 used per token, Qwen3-30B-A3B's 768 x 2048) through the grouped kernel against the plain-XLA
+reference (numlab.ops.qmatvec on the gathered experts) and ggml, then the whole moe_ffn layer.
+
+Each call routes its tokens to fresh random experts (8 distinct per token), so the weights read
+change between calls; timing, checking and figures as numlab.bench.matvec.
+"""
+import dataclasses
+import functools
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from numlab.bench import matvec as mv
+from numlab.formats import QTensor
+from numlab.kernels import moe
+from numlab.kernels import qmatmul as qm
+from numlab.ops import qmatvec as ops_qmatvec
+
+N_EXPERTS, TOP_K, D_FF, D_MODEL = 128, 8, 768, 2048
+
+
+def routes(key, n: int, n_experts: int, k: int = TOP_K):
+    """int32 [n, k]: k distinct random experts out of n_experts per token."""
+    keys = jax.random.split(key, n)
+    return jax.vmap(lambda kk: jax.random.permutation(kk, n_experts)[:k])(keys).astype(jnp.int32)
+
+
+def grouped_product(case: mv.Case, cfg: qm.Config):
+    """jit (w stack [E, rows, cols], x [n, cols], idx [n, k]) -> y [n, k, rows] via the grouped kernel."""
+    interpret = jax.default_backend() == "cpu"
+
+    def product(w, x, idx):
+        slot, tile_expert = moe.group_by_expert(idx, w.data.shape[0], cfg.tokens)
+        xs = jnp.zeros((tile_expert.shape[0] * cfg.tokens, case.cols), jnp.float32)
+        xs = xs.at[slot].set(jnp.repeat(x, idx.shape[1], axis=0))
+        y = moe.expert_matmul(w, xs, tile_expert, case.act, cfg, interpret)
+        return y[slot].reshape(idx.shape + (case.rows,))
+    return jax.jit(product)
+
+
+@functools.lru_cache(maxsize=None)
+def reference_product(case: mv.Case):
+    """jit (w stack, x, idx) -> y through numlab.ops.qmatvec on the gathered experts' bytes."""
+    return jax.jit(lambda w, x, idx: ops_qmatvec(QTensor(w.data[idx], w.fmt, w.shape), x[:, None, :], case.act, "f32"))
+
+
+CHECK_TOKENS = 16       # the check compares the first tokens only (the reference gathers whole experts)
+REFERENCE_MAX_N = 64    # the plain-XLA reference is timed up to this many tokens (its gathered weights grow with n)
+
+
+def ffn_product(act: str, cfg: qm.Config):
+    """jit (gate, up, down, x, idx, weights) -> moe_ffn."""
+    interpret = jax.default_backend() == "cpu"
+    return jax.jit(lambda g, u, d, x, idx, w: moe.moe_ffn(x, idx, w, g, u, d, act, config=cfg, interpret=interpret))
+
+
+def measure(case: mv.Case, fn, w: QTensor, xs, idxs, calls: int, repeats: int, copy_bw: float,
+            check: bool, touched: float) -> dict:
+    """Check against the reference (optional) and time fn; figures count the touched experts' bytes
+    and 2·rows·cols·n·TOP_K flops (as ggml's MUL_MAT_ID)."""
+    entry = {}
+    try:
+        t0 = time.perf_counter()
+        y = jax.block_until_ready(fn(w, xs[0], idxs[0]))
+        entry["compile_and_first_s"] = time.perf_counter() - t0
+        if check:
+            x, idx = xs[0][:CHECK_TOKENS], idxs[0][:CHECK_TOKENS]
+            ref = reference_product(case)(w, x, idx)
+            deq = mv.dequantizer(w.fmt)(w.data[idx])
+            entry["max_err_over_scale"] = mv._rel_err(y[:CHECK_TOKENS], ref, deq,
+                                                      jnp.broadcast_to(x[:, None], deq.shape[:2] + (case.cols,)))
+            entry["ok"] = bool(entry["max_err_over_scale"] <= mv.CHECK_RTOL)
+        args = [(w, xs[i % len(xs)], idxs[i]) for i in range(len(idxs))]
+        moved = touched * case.weight_bytes + 4 * case.n * (case.cols + TOP_K * case.rows)
+        entry["cold"] = mv.figures(case, mv.time_calls(fn, args, calls, repeats), copy_bw, moved,
+                                   2 * case.rows * case.cols * case.n * TOP_K)
+    except Exception as e:  # recorded, the run goes on
+        entry["error"] = f"{type(e).__name__}: {e}"[:2000]
+        entry["ok"] = False
+    return entry
+
+
+def sweep(case: mv.Case, configs, key, repeats: int, copy_bw: float, deadline: float, log=print) -> dict:
+    """MUL_MAT_ID: reference and grouped-kernel variants for n tokens, each routed to TOP_K experts."""
+    calls = 8 if case.n >= 64 else 32
+    kw, kx, ki = jax.random.split(key, 3)
+    (w,) = mv.random_weights(kw, case.fmt, 1, case.rows, case.cols, stack=(N_EXPERTS,))
+    xs = [jax.random.normal(jax.random.fold_in(kx, i), (case.n, case.cols), jnp.float32) for i in range(4)]
+    idxs = [routes(jax.random.fold_in(ki, i), case.n, N_EXPERTS) for i in range(calls)]
+    touched = float(np.mean([len(np.unique(np.asarray(i))) for i in idxs]))   # distinct experts per call
+    out = {"case": dataclasses.asdict(case), "experts": N_EXPERTS, "top_k": TOP_K, "mean_experts_touched": touched,
+           "reference": None, "variants": []}
+    if time.perf_counter() < deadline and case.n <= REFERENCE_MAX_N:
+        out["reference"] = measure(case, reference_product(case), w, xs, idxs, calls, repeats, copy_bw, False,
+                                   touched)
+        log(f"{case.name}: reference {mv._brief(out['reference'])}")
+    for i, cfg in enumerate(configs):
+        if time.perf_counter() > deadline:
+            out["skipped_for_time"] = [mv.config_dict(c) for c in configs[i:]]
+            break
+        e = measure(case, grouped_product(case, cfg), w, xs, idxs, calls, repeats, copy_bw, True, touched)
+        e["config"] = mv.config_dict(cfg)
+        out["variants"].append(e)
+        log(f"{case.name}: {cfg} -> {mv._brief(e)}")
+    good = [v for v in out["variants"] if v.get("ok") and "cold" in v]
+    out["best"] = min(good, key=mv._us) if good else None
+    if out["best"] and out["reference"] and "cold" in out["reference"]:
+        out["best_speedup_over_reference"] = mv._us(out["reference"]) / mv._us(out["best"])
+    return out
+
+
+def ffn_sweep(n: int, act: str, cfg: qm.Config, key, repeats: int, deadline: float, log=print) -> dict:
+    """The whole layer (gate, up: q4_k; down: q6_k, as Q4_K_M's ffn_down_exps) for n tokens."""
+    out = {"n": n, "act": act, "config": mv.config_dict(cfg)}
+    if time.perf_counter() > deadline:
+        out["skipped_for_time"] = True
+        return out
+    try:
+        kg, ku, kd, kx, ki = jax.random.split(key, 5)
+        (gate,) = mv.random_weights(kg, "q4_k", 1, D_FF, D_MODEL, stack=(N_EXPERTS,))
+        (up,) = mv.random_weights(ku, "q4_k", 1, D_FF, D_MODEL, stack=(N_EXPERTS,))
+        (down,) = mv.random_weights(kd, "q6_k", 1, D_MODEL, D_FF, stack=(N_EXPERTS,))
+        x = jax.random.normal(kx, (n, D_MODEL), jnp.float32)
+        wts = jnp.full((n, TOP_K), 1.0 / TOP_K, jnp.float32)
+        args = [(gate, up, down, x, routes(jax.random.fold_in(ki, i), n, N_EXPERTS), wts) for i in range(8)]
+        t = mv.time_calls(ffn_product(act, cfg), args, 8, repeats)
+        out.update({"device_us": t["device_s"] and t["device_s"] * 1e6, "wall_us": t["wall_s"] * 1e6})
+    except Exception as e:  # recorded, the run goes on
+        out["error"] = f"{type(e).__name__}: {e}"[:2000]
+    log(f"moe_ffn n={n} act={act}: {out.get('device_us', out.get('error'))}")
+    return out
+
+
+def _cfg(rows, tokens=1, ksplit=1, warps=4):
+    return qm.Config(rows=rows, tokens=tokens, ksplit=ksplit, num_warps=warps)
+
+
+def default_cases():
+    one = [_cfg(32, ksplit=2, warps=8), _cfg(32, warps=8), _cfg(16, ksplit=2), _cfg(64, warps=8)]
+    few = [_cfg(32, tokens=4, warps=8), _cfg(64, tokens=16), _cfg(32, tokens=16), _cfg(16, tokens=4)]
+    many = [_cfg(64, tokens=16), _cfg(64, tokens=32), _cfg(128, tokens=16, warps=8), _cfg(32, tokens=16)]
+    cases = []
+    for act in ("q8_1", "f32"):
+        for n, cfgs in ((1, one), (64, few), (256, many)):
+            cases.append((mv.Case("q4_k", D_FF, D_MODEL, n, act, "mul_mat_id"), cfgs if act == "q8_1" else cfgs[:2]))
+    cases.append((mv.Case("q6_k", D_FF, D_MODEL, 1, "q8_1", "mul_mat_id"), one[:2]))
+    return cases
+
+
+def run(cases=None, repeats: int = 20, budget_s: float = 90.0, seed: int = 0, copy_bw: float | None = None,
+        log=print) -> dict:
+    from numlab.bench.codecs import copy_bandwidth
+    start = time.perf_counter()
+    dev = jax.devices()[0]
+    copy_bw = copy_bw or copy_bandwidth(1 << 30, repeats)
+    results = [sweep(c, cfgs, jax.random.PRNGKey(seed * 1000 + i), repeats, copy_bw, start + budget_s, log)
+               for i, (c, cfgs) in enumerate(cases or default_cases())]
+    ffn = [ffn_sweep(n, act, cfg, jax.random.PRNGKey(seed * 1000 + 500 + n), repeats, start + budget_s, log)
+           for n, act, cfg in ((1, "q8_1", _cfg(32, ksplit=2, warps=8)), (64, "q8_1", _cfg(32, tokens=4, warps=8)),
+                               (256, "q8_1", _cfg(64, tokens=16)))] if cases is None else []
+    return {"device": dev.device_kind, "platform": dev.platform, "jax_version": jax.__version__,
+            "copy_bandwidth_bytes_per_s": copy_bw, "repeats": repeats, "check_rtol": mv.CHECK_RTOL,
+            "notes": __doc__ + " Bandwidth figures count the whole projection's bytes (all experts): for "
+                     "n=1 only mean_experts_touched of them are read.",
+            "elapsed_s": time.perf_counter() - start, "cases": results, "moe_ffn": ffn}

@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# One device call for issue 7's kernels (about 5.5 minutes on an H100): checks every kernel against
+# numlab.ops.qmatvec on fresh random inputs, then times the kernels' tiling variants and the plain-XLA
+# reference for the issue's shapes (MUL_MAT, MUL_MAT_ID, attention, lm_head), the copy bandwidth
+# measured in the same process. Installs nothing; expects numlab's dependencies importable
+# (PYTHONPATH set by the caller). A kernel that fails to compile is recorded and the run goes on.
+#
+#   OUT=/some/dir bash scripts/device_kernels.sh
+#
+# Writes $OUT/kernels.json (everything), $OUT/results/bench/{matvec,moe,kernel-check}.json (also under
+# results/bench/ here), $OUT/log.txt; prints a table of reference / ours / ggml times last.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-/tmp/numlab-device-kernels}"
+mkdir -p "$OUT/results/bench" results/bench
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export TF_CPP_MIN_LOG_LEVEL=1
+
+timeout -k 10 345 python - "$OUT" <<'PY' 2>&1 | tee "$OUT/log.txt"
+import json, os, shutil, sys, time, warnings
+warnings.filterwarnings("ignore", category=DeprecationWarning)   # jax 0.11: Pallas Triton deprecation
+START = time.perf_counter()
+out_dir = sys.argv[1]
+
+import jax
+from numlab.bench import matvec as mv, moe as mb
+from numlab.bench.codecs import copy_bandwidth
+from numlab.io import atomic_write_json
+
+def log(msg):
+    print(f"[{time.perf_counter() - START:6.1f}s] {msg}", flush=True)
+
+def save(name, obj):
+    path = os.path.join("results", "bench", f"{name}.json")
+    atomic_write_json(path, obj)
+    shutil.copy(path, os.path.join(out_dir, "results", "bench", f"{name}.json"))
+
+def until(seconds):
+    return START + seconds
+
+log(f"devices {jax.devices()}, jax {jax.__version__}")
+bw = copy_bandwidth(1 << 30, 20)
+log(f"copy bandwidth {bw / 1e9:.0f} GB/s")
+everything = {"device": jax.devices()[0].device_kind, "jax_version": jax.__version__,
+              "copy_bandwidth_bytes_per_s": bw}
+
+# 1. The headline cases first (q4_k one token, q8_1 and f32), so a short run still answers them.
+cases = mv.default_cases()
+first, rest = cases[:2], cases[2:]
+head = mv.run(first, repeats=20, budget_s=until(100) - time.perf_counter(), copy_bw=bw, log=log)
+# 2. Every format x mode x token path against the reference.
+checks = mv.check_all(jax.random.PRNGKey(7), until(150), log)
+save("kernel-check", {"device": everything["device"], "jax_version": jax.__version__, "checks": checks})
+# 3. The other matvec shapes, then the MoE products.
+tail = mv.run(rest, repeats=20, budget_s=until(255) - time.perf_counter(), copy_bw=bw, log=log)
+matvec = dict(head, cases=head["cases"] + tail["cases"], elapsed_s=head["elapsed_s"] + tail["elapsed_s"])
+save("matvec", matvec)
+moe = mb.run(repeats=20, budget_s=until(320) - time.perf_counter(), copy_bw=bw, log=log)
+save("moe", moe)
+
+everything.update(checks=checks, matvec=matvec, moe=moe, elapsed_s=time.perf_counter() - START)
+atomic_write_json(os.path.join(out_dir, "kernels.json"), everything)
+bad = [c for c in checks if c.get("ok") is False]
+print(f"\nchecks: {sum(bool(c.get('ok')) for c in checks)} ok, {len(bad)} failed, "
+      f"{sum('skipped_for_time' in c for c in checks)} skipped for time")
+for c in bad:
+    print(f"  FAILED {c['fmt']} act={c['act']} n={c['n']}: {c.get('max_err_over_scale', c.get('error', ''))}"[:300])
+print(f"copy bandwidth {bw / 1e9:.0f} GB/s; times are device us per product (profiler), cold weights\n")
+print(mv.table(matvec))
+print(mv.table({"cases": moe["cases"]}))
+print(f"\nelapsed {time.perf_counter() - START:.0f} s; wrote {out_dir}/kernels.json")
+PY
+status=${PIPESTATUS[0]}
+echo "exit status $status"
+exit "$status"
