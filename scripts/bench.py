@@ -7,7 +7,7 @@ from absl import app, flags, logging
 from tqdm import tqdm
 
 import numlab.formats as formats
-from numlab.bench import codecs, model
+from numlab.bench import codecs, matvec, model, moe
 from numlab.io import atomic_write_json
 
 FLAGS = flags.FLAGS
@@ -37,7 +37,15 @@ def bench_model() -> dict:
     return model.run(FLAGS.size, FLAGS.tokens, FLAGS.policies, FLAGS.repeats, log=logging.info)
 
 
-COMMANDS = {"codecs": bench_codecs, "model": bench_model}
+def bench_matvec() -> dict:
+    return matvec.run(repeats=FLAGS.repeats, log=logging.info)
+
+
+def bench_moe() -> dict:
+    return moe.run(repeats=FLAGS.repeats, log=logging.info)
+
+
+COMMANDS = {"codecs": bench_codecs, "model": bench_model, "matvec": bench_matvec, "moe": bench_moe}
 
 
 def main(argv):
