@@ -24,7 +24,8 @@ from tqdm import tqdm  # noqa: E402
 
 from numlab import policy as policy_lib  # noqa: E402
 from numlab.analysis import attribution, plots, report  # noqa: E402
-from numlab.io import make_run_dir  # noqa: E402
+from numlab.analysis.nonfinite import nonfinite_report  # noqa: E402
+from numlab.io import atomic_write_json, make_run_dir  # noqa: E402
 from numlab.models import config as config_lib  # noqa: E402
 from numlab.models.gguf_io import load_gguf  # noqa: E402
 from numlab.models.synthetic import write as write_synthetic  # noqa: E402
@@ -39,6 +40,8 @@ flags.DEFINE_string("ref", None, "reference policy")
 flags.DEFINE_string("out", None, "run folder (default results/attribute-<model>-<low>-vs-<ref>)")
 flags.DEFINE_bool("overwrite", False, "replace the results in an existing run folder")
 flags.DEFINE_integer("ig_points", None, "quadrature nodes of the integrated gradients")
+flags.DEFINE_bool("find_nonfinite", False, "first find the first site (layer, op, token) that makes a NaN/Inf "
+                  "under --low and under --ref (nonfinite.json); stop there if any does")
 flags.DEFINE_enum("groups", None, list(attribution.GROUPINGS), "group the sites by op kind, by layer, or not")
 
 
@@ -95,6 +98,16 @@ def main(argv):
     model, desc = _load(c)
     timings["model_s"] = time.perf_counter() - t0
     tokens = np.random.default_rng(c.prompt_seed).integers(0, model.config.vocab, (c.n_prompts, c.n_tokens))
+    if FLAGS.find_nonfinite:
+        hits = nonfinite_report(model, tokens, {"low": c.low, "ref": c.ref})
+        path = atomic_write_json(run_dir / "nonfinite.json", hits)
+        for label, hit in hits.items():
+            where = ("none" if hit is None else
+                     f"{hit['site']} (layer {hit['layer']}, token {hit['token']}, prompt {hit['prompt']})")
+            print(f"first non-finite under --{label} ({c[label]}): {where}")
+        print(f"wrote {path}")
+        if any(hits.values()):
+            return
     logging.info("analysing %s against %s on %s (%s), %d prompts × %d tokens", c.low, c.ref, desc,
                  jax.default_backend(), c.n_prompts, c.n_tokens)
     t1 = time.perf_counter()

@@ -1,14 +1,18 @@
 """scripts/attribute.py end to end on its embedded default (tiny synthetic model written to GGUF and
 loaded back, ggml-cpu against f32): the run folder, report.json parsing back, report.md, the plots."""
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from numlab.analysis import plots, report
+from numlab.models.gguf_io import save_gguf
+from numlab.models.synthetic import make_model
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "scripts" / "attribute.py"
@@ -85,3 +89,20 @@ def test_refuses_to_overwrite_and_rejects_bad_flags(default_run, tmp_path):
     proc = _run(f"--out={tmp_path / 'y'}", "--groups=op", timeout=120)
     assert proc.returncode != 0 and "kind" in proc.stderr
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_find_nonfinite_names_the_planted_site(tmp_path):
+    """A NaN written into one layer's ffn_norm weight: --find_nonfinite reports that site for both
+    policies and stops before the analysis."""
+    model = make_model("tiny")
+    tensors = dict(model.tensors)
+    tensors["blk.2.ffn_norm"] = jnp.asarray(tensors["blk.2.ffn_norm"]).at[3].set(jnp.nan)
+    path = tmp_path / "nan.gguf"
+    save_gguf(type(model)(tensors=tensors, config=model.config), path)
+    out = tmp_path / "run"
+    proc = _run(f"--model={path}", f"--out={out}", "--find_nonfinite", "--config.n_prompts=2")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    hits = json.loads((out / "nonfinite.json").read_text())
+    for label in ("low", "ref"):
+        assert hits[label]["site"] == "blk.2.ffn_norm" and hits[label]["layer"] == 2, hits
+    assert not (out / "report.json").exists()
