@@ -157,6 +157,8 @@ def kernel_product(case: Case, cfg: qm.Config):
     """jit (w QTensor [rows, cols], x [n, cols]) -> y: activation preparation and the kernel."""
     interpret = jax.default_backend() == "cpu"
 
+    cfg = qm.fit(cfg, case.rows, case.cols)
+
     def product(w, x):
         n_tiles = -(-case.n // cfg.tokens)
         xp = jnp.pad(x, ((0, n_tiles * cfg.tokens - case.n), (0, 0)))

@@ -31,6 +31,7 @@ def routes(key, n: int, n_experts: int, k: int = TOP_K):
 def grouped_product(case: mv.Case, cfg: qm.Config):
     """jit (w stack [E, rows, cols], x [n, cols], idx [n, k]) -> y [n, k, rows] via the grouped kernel."""
     interpret = jax.default_backend() == "cpu"
+    cfg = qm.fit(cfg, case.rows, case.cols)
 
     def product(w, x, idx):
         slot, tile_expert = moe.group_by_expert(idx, w.data.shape[0], cfg.tokens)

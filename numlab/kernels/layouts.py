@@ -79,8 +79,9 @@ _GROUP_OF = {
 }
 
 
-def decode(fmt: str, ref, base, part: int, s0: int, ns: int, scaled: bool = False) -> Groups:
-    """Groups s0 .. s0 + ns - 1 of `part` of the chunks starting at byte offsets base int32 [R].
+def decode(fmt: str, ref, base, parts, s0: int, ns: int, scaled: bool = False) -> list:
+    """[Groups] of each part in `parts`: groups s0 .. s0 + ns - 1 of the chunks starting at byte
+    offsets base int32 [R]. Bytes shared by the parts (q4_k's low and high nibbles) are loaded once.
 
     scaled: leave high nibbles in place (codes = 16 · level, one mask instead of a shift), for the
     float path, which folds the 1/16 into the scale exactly. Each decoder loads its codes last:
@@ -89,7 +90,8 @@ def decode(fmt: str, ref, base, part: int, s0: int, ns: int, scaled: bool = Fals
     b3 = base[:, None, None]
     s = _iota((1, ns, 1), 1) + s0
     i = _iota((1, 1, GROUP), 2)
-    return _DECODERS[fmt](ref, b3, s, i, _GROUP_OF[fmt](s, part), part, scaled and part == 1)
+    g = [_GROUP_OF[fmt](s, p) for p in parts]
+    return _DECODERS[fmt](ref, b3, s, i, g, parts, scaled)
 
 
 def _nibble(byte, high: bool, scaled: bool):
@@ -97,6 +99,10 @@ def _nibble(byte, high: bool, scaled: bool):
     if not high:
         return byte & 15
     return byte & 0xF0 if scaled else byte >> 4
+
+
+def _unit(part: int, scaled: bool) -> int:
+    return 16 if scaled and part == 1 else 1
 
 
 def _kquant_scales(ref, b3, j):
@@ -110,37 +116,46 @@ def _kquant_scales(ref, b3, j):
     return sc, mn
 
 
-def _q4_k(ref, b3, s, i, g, part, scaled):
-    sc, mn = _kquant_scales(ref, b3, g)
+def _q4_k(ref, b3, s, i, gs, parts, scaled):
+    scales = [_kquant_scales(ref, b3, g) for g in gs]
     d, dmin = _f16(ref, b3), _f16(ref, b3 + 2)
-    q = _nibble(_u8(ref, b3 + 16 + GROUP * s + i), part == 1, scaled)
-    return Groups(q, 16 if scaled else 1, g, d, sc, None, dmin, mn)
+    qs = _u8(ref, b3 + 16 + GROUP * s + i)                # run c = s: low nibbles g = 2c, high 2c + 1
+    return [Groups(_nibble(qs, p == 1, scaled), _unit(p, scaled), g, d, sc, None, dmin, mn)
+            for p, g, (sc, mn) in zip(parts, gs, scales)]
 
 
-def _q5_k(ref, b3, s, i, g, part, scaled):
-    sc, mn = _kquant_scales(ref, b3, g)
+def _q5_k(ref, b3, s, i, gs, parts, scaled):
+    scales = [_kquant_scales(ref, b3, g) for g in gs]
     d, dmin = _f16(ref, b3), _f16(ref, b3 + 2)
-    unit = 16 if scaled else 1
-    high = (_u8(ref, b3 + 16 + i + 0 * s) >> g) & 1     # bit g of qh[i]: fifth bit of value 32g + i
-    low = _nibble(_u8(ref, b3 + 48 + GROUP * s + i), part == 1, scaled)
-    return Groups(low | (high << 4) * unit, unit, g, d, sc, None, dmin, mn)
+    qh = _u8(ref, b3 + 16 + i + 0 * s)                    # bit g of qh[i]: fifth bit of value 32g + i
+    qs = _u8(ref, b3 + 48 + GROUP * s + i)
+    out = []
+    for p, g, (sc, mn) in zip(parts, gs, scales):
+        unit = _unit(p, scaled)
+        codes = _nibble(qs, p == 1, scaled) | ((qh >> g) & 1) * (16 * unit)
+        out.append(Groups(codes, unit, g, d, sc, None, dmin, mn))
+    return out
 
 
-def _q6_k(ref, b3, s, i, g, part, scaled):
+def _q6_k(ref, b3, s, i, gs, parts, scaled):
     h, j = s // 2, s % 2                                  # half of 128 values, 32-run within it
-    sc_a = _i8(_u8(ref, b3 + 192 + 2 * g))                # int8 scale of values 32g .. 32g + 15
-    sc_b = _i8(_u8(ref, b3 + 193 + 2 * g))                # and of 32g + 16 .. 32g + 31
+    scales = [(_i8(_u8(ref, b3 + 192 + 2 * g)),           # int8 scale of values 32g .. 32g + 15
+               _i8(_u8(ref, b3 + 193 + 2 * g))) for g in gs]   # and of 32g + 16 .. 32g + 31
     d = _f16(ref, b3 + 208)
-    unit = 16 if scaled else 1
-    high = (_u8(ref, b3 + 128 + GROUP * h + i) >> (2 * (j + 2 * part))) & 3
-    low = _nibble(_u8(ref, b3 + 64 * h + GROUP * j + i), part == 1, scaled)
-    return Groups((low | (high << 4) * unit) - 32 * unit, unit, g, d, sc_a, sc_b, None, None)
+    qh = _u8(ref, b3 + 128 + GROUP * h + i)
+    ql = _u8(ref, b3 + 64 * h + GROUP * j + i)            # low nibbles: quarters 0, 1; high: 2, 3
+    out = []
+    for p, g, (sc_a, sc_b) in zip(parts, gs, scales):
+        unit = _unit(p, scaled)
+        level = _nibble(ql, p == 1, scaled) | ((qh >> (2 * (j + 2 * p))) & 3) * (16 * unit)
+        out.append(Groups(level - 32 * unit, unit, g, d, sc_a, sc_b, None, None))
+    return out
 
 
-def _q8_0(ref, b3, s, i, g, part, scaled):
-    d = _f16(ref, b3 + 34 * g)
-    q = _i8(_u8(ref, b3 + 34 * g + 2 + i))
-    return Groups(q, 1, g, d, jnp.ones_like(d, jnp.int32), None, None, None)
+def _q8_0(ref, b3, s, i, gs, parts, scaled):
+    ds = [_f16(ref, b3 + 34 * g) for g in gs]
+    return [Groups(_i8(_u8(ref, b3 + 34 * g + 2 + i)), 1, g, d, jnp.ones_like(d, jnp.int32), None, None, None)
+            for g, d in zip(gs, ds)]
 
 
 _DECODERS = {"q4_k": _q4_k, "q5_k": _q5_k, "q6_k": _q6_k, "q8_0": _q8_0}

@@ -58,7 +58,8 @@ def moe_ffn(x, idx, weights, gate: QTensor, up: QTensor, down: QTensor, act: str
                              f"{getattr(w, 'fmt', type(w).__name__)} {getattr(w, 'data', None).shape if isinstance(w, QTensor) else ''}")
     t, k = idx.shape
     n_experts = gate.data.shape[0]
-    cfg = config or tuning.config_for(gate.fmt, act, max(1, t * k // n_experts), *gate.shape)
+    cfg = qm.fit(config or tuning.config_for(gate.fmt, act, max(1, t * k // n_experts), *gate.shape),
+                 *gate.shape)
     slot, tile_expert = group_by_expert(idx, n_experts, cfg.tokens)
     rows = tile_expert.shape[0] * cfg.tokens
     xs = jnp.zeros((rows, x.shape[-1]), jnp.float32).at[slot].set(jnp.repeat(x.astype(jnp.float32), k, axis=0))

@@ -34,6 +34,7 @@ DOTS = {"f32": (lax.Precision.HIGHEST, lax.Precision.HIGHEST),
         "bf16x6": lax.DotAlgorithmPreset.BF16_BF16_F32_X6}
 _HI = (lax.Precision.HIGHEST, lax.Precision.HIGHEST)
 MIN_DOT = 16  # Triton's smallest dot operand dimension
+PARTS = tuple(range(layouts.PARTS))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,10 +78,12 @@ def supported(fmt: str, act: str, acc: str, cols: int) -> bool:
 
 
 def fit(cfg: Config, rows: int, cols: int) -> Config:
-    """cfg with rows, ksplit and unroll reduced until they divide the problem."""
+    """cfg with rows, ksplit and unroll reduced until they divide the problem (and dot tiles of
+    16+ tokens given up for 8-token multiply-add tiles where fewer than 16 rows divide it)."""
     r = cfg.rows
     while rows % r:
         r //= 2
+    tokens = cfg.tokens if r >= MIN_DOT or cfg.tokens < MIN_DOT else 8
     chunks = cols // CHUNK
     ks = min(cfg.ksplit, chunks)
     while chunks % ks:
@@ -88,20 +91,22 @@ def fit(cfg: Config, rows: int, cols: int) -> Config:
     un = min(cfg.unroll, chunks // ks)
     while (chunks // ks) % un:
         un -= 1
-    return dataclasses.replace(cfg, rows=r, ksplit=ks, unroll=un)
+    return dataclasses.replace(cfg, rows=r, tokens=tokens, ksplit=ks, unroll=un)
 
 
 def prepare(x, act: str):
     """Activation rows x float [P, K] -> the kernel's inputs for `act`: (x rounded, float32) for
-    float modes; (codes int8 [P, K], scales float32 [P, K / 32] (q8_k: [P, K / 256]), sums of codes
-    int32 [P, K / 32]) for integer modes, from numlab's codec (the reference's codes)."""
+    float modes; for integer modes, from numlab's codec (the reference's codes): codes int8 [P, K],
+    scales float32 [P, K / 32] (q8_k: [P, K / 256]) and the sums of codes per 32 as int32 (q8_k) or
+    times their scale, float32 (q8_1, q8_0: the factor of a group's min term)."""
     if act in FLOAT_ACTS:
         return (x.astype(jnp.dtype({"f32": jnp.float32, "bf16": jnp.bfloat16, "f16": jnp.float16}[act]))
                 .astype(jnp.float32),)
     u = formats.unpack(formats.quantize(x.astype(jnp.float32), act), act)
     q = u.q.reshape(x.shape[0], -1)
-    sums = q.reshape(x.shape[0], -1, GROUP).sum(-1)
-    return q.astype(jnp.int8), u.d.reshape(x.shape[0], -1).astype(jnp.float32), sums.astype(jnp.int32)
+    d = u.d.reshape(x.shape[0], -1).astype(jnp.float32)
+    sums = q.reshape(x.shape[0], -1, GROUP).sum(-1).astype(jnp.int32)
+    return q.astype(jnp.int8), d, sums if act == "q8_k" else d * sums.astype(jnp.float32)
 
 
 def qmatmul(data, fmt: str, shape, xs, tile_expert, act: str, cfg: Config, interpret: bool = False):
@@ -111,7 +116,12 @@ def qmatmul(data, fmt: str, shape, xs, tile_expert, act: str, cfg: Config, inter
     rows, cols = shape
     cfg = fit(cfg.check(), rows, cols)
     n_tiles = tile_expert.shape[0]
+    if xs[0].shape != (n_tiles * cfg.tokens, cols):
+        raise ValueError(f"qmatmul: activations {xs[0].shape} must be [tiles * tokens, cols] = "
+                         f"[{n_tiles} * {cfg.tokens}, {cols}] for {cfg} (fitted to [{rows}, {cols}])")
     row_bytes = formats.row_bytes(fmt, cols)
+    if act not in FLOAT_ACTS and cfg.tokens < MIN_DOT:
+        xs = (xs[0].astype(jnp.float32),) + tuple(xs[1:])     # the multiply-add path takes float codes
     dims = dict(cols=cols, row_bytes=row_bytes, expert_bytes=rows * row_bytes)
     kernel = functools.partial(_kernel, fmt=fmt, act=act, cfg=cfg, **dims)
     out = pl.pallas_call(
@@ -184,8 +194,8 @@ def _float_fma(fmt, cfg, cols):
         (x_ref,) = x_refs
         xs = [[x_ref[(t0 + t) * cols + _xpos(c, layouts.group_index(fmt, p, 0, g_n))]
                for t in range(cfg.tokens)] for p in range(layouts.PARTS)]
-        for p in range(layouts.PARTS):
-            w = layouts.dequantized(fmt, layouts.decode(fmt, w_ref, base, p, 0, g_n, scaled=True))
+        for p, grp in enumerate(layouts.decode(fmt, w_ref, base, PARTS, 0, g_n, scaled=True)):
+            w = layouts.dequantized(fmt, grp)
             if one:
                 acc = acc + w * xs[p][0]
             else:
@@ -207,8 +217,7 @@ def _float_dot(fmt, cfg, cols):
 
     def step(w_ref, x_refs, base, c, t0, acc):
         (x_ref,) = x_refs
-        for p in range(layouts.PARTS):
-            grp = layouts.decode(fmt, w_ref, base, p, 0, g_n, scaled=True)
+        for grp in layouts.decode(fmt, w_ref, base, PARTS, 0, g_n, scaled=True):
             w = layouts.dequantized(fmt, grp).reshape(cfg.rows, g_n * GROUP)
             pos = c * CHUNK + GROUP * grp.g.reshape(g_n, 1, 1) + _iota((1, GROUP, 1), 1)
             xv = x_ref[(t0 + tok) * cols + pos].reshape(g_n * GROUP, cfg.tokens)
@@ -223,7 +232,8 @@ def _float_dot(fmt, cfg, cols):
 
 def _chunk_scale(act, d, dmin, bi, bm, dxk):
     """Float scaling of one chunk's sums (see numlab.ops.qmatvec): q8_k: (d·dx)·isum − (dmin·dx)·msum
-    from integer sums; q8_1 k-quants: d·Σ_g dx_g·isum_g − dmin·Σ_g dx_g·msum_g from float sums."""
+    from integer sums; q8_1 k-quants: d·Σ_g dx_g·isum_g − dmin·Σ_g m_g·(dx_g·xsum_g) from float sums
+    (the reference rounds dx_g·(m_g·xsum_g): the min term differs by float rounding)."""
     if act == "q8_k":
         y = (d * dxk) * bi.astype(jnp.float32)
         return y if dmin is None else y - (dmin * dxk) * bm.astype(jnp.float32)
@@ -232,49 +242,64 @@ def _chunk_scale(act, d, dmin, bi, bm, dxk):
 
 
 def _int_fma(fmt, cfg, cols, act):
-    """Few tokens, integer modes: int32 products of codes summed per group, then float scaling."""
+    """Fewer than 16 tokens, integer modes: the dots of the weight codes with x's codes per group,
+    computed exactly with float32 multiply-adds (every product and partial sum is an integer below
+    2^24; a high nibble's factor 16 comes off exactly), then the reference's float scaling."""
     g_n = layouts.GROUPS_PER_PART
     n_x32 = cols // GROUP
 
-    def one_token(w_ref, x_refs, base, c, t, acc):
-        xq_ref, dx_ref = x_refs[:2]
-        bi = bm = 0
-        for p in range(layouts.PARTS):
-            grp = layouts.decode(fmt, w_ref, base, p, 0, g_n)
-            xq = xq_ref[t * cols + _xpos(c, grp.g)].astype(jnp.int32)
-            if grp.isc2 is None:
-                dots = jnp.sum(grp.codes * xq, axis=2)                         # [R, G], exact
-                dots = dots if fmt == "q8_0" else _drop(grp.isc) * dots
-            else:
-                dots = jnp.sum(grp.scale_of_values() * grp.codes * xq, axis=2)
-            x32 = t * n_x32 + c * GROUPS + _drop(grp.g)                         # [1, G]
-            if act == "q8_k":
-                bi = bi + jnp.sum(dots, axis=1)
-            elif fmt == "q8_0":
-                acc = acc + jnp.sum((_drop(grp.d) * dx_ref[x32]) * dots.astype(jnp.float32), axis=1)
-            else:
-                dx = dx_ref[x32]
-                bi = bi + jnp.sum(dx * dots.astype(jnp.float32), axis=1)
-            if grp.imin is not None:
-                mins = _drop(grp.imin) * x_refs[2][x32]
-                bm = bm + (jnp.sum(mins, axis=1) if act == "q8_k"
-                           else jnp.sum(dx * mins.astype(jnp.float32), axis=1))
-        if fmt == "q8_0":
-            return acc
-        dxk = dx_ref[t * (cols // CHUNK) + c] if act == "q8_k" else None
-        dmin = None if grp.dmin is None else grp.dmin.reshape(cfg.rows)
-        return acc + _chunk_scale(act, grp.d.reshape(cfg.rows), dmin, bi, bm, dxk)
+    def group_dots(grp, q, xq):
+        """[R, G] float32 integer dots, weighted by the integer scales (exact: q6_k's per-half scales
+        go into the unscaled codes first, |scale · code · x code| · 32 < 2^24)."""
+        if grp.isc2 is not None:
+            return jnp.sum(q * grp.scale_of_values().astype(jnp.float32) * xq, axis=2)
+        dots = jnp.sum(q * xq, axis=2) * jnp.float32(1 / grp.unit)
+        return dots if fmt == "q8_0" else dots * _drop(grp.isc).astype(jnp.float32)
 
     def step(w_ref, x_refs, base, c, t0, acc):
-        return tuple(one_token(w_ref, x_refs, base, c, t0 + t, a) for t, a in enumerate(acc))
+        xq_ref, dx_ref = x_refs[:2]
+        toks = range(cfg.tokens)
+        xqs = [[xq_ref[(t0 + t) * cols + _xpos(c, layouts.group_index(fmt, p, 0, g_n))] for t in toks]
+               for p in range(layouts.PARTS)]                                    # x first: see _kernel
+        acc, bi, bm = list(acc), [0] * cfg.tokens, [0] * cfg.tokens
+        for p, grp in enumerate(layouts.decode(fmt, w_ref, base, PARTS, 0, g_n, scaled=fmt != "q6_k")):
+            q = layouts.codes_f32(fmt, grp)
+            for t in toks:
+                dots = group_dots(grp, q, xqs[p][t])
+                x32 = (t0 + t) * n_x32 + c * GROUPS + _drop(grp.g)                 # [1, G]
+                if act == "q8_k":
+                    bi[t] = bi[t] + jnp.sum(dots.astype(jnp.int32), axis=1)
+                elif fmt == "q8_0":
+                    acc[t] = acc[t] + jnp.sum((_drop(grp.d) * dx_ref[x32]) * dots, axis=1)
+                else:
+                    dx = dx_ref[x32]
+                    bi[t] = bi[t] + jnp.sum(dx * dots, axis=1)
+                if grp.imin is not None and act == "q8_k":
+                    bm[t] = bm[t] + jnp.sum(_drop(grp.imin) * x_refs[2][x32], axis=1)          # int32
+                elif grp.imin is not None:
+                    bm[t] = bm[t] + jnp.sum(_drop(grp.imin).astype(jnp.float32) * x_refs[2][x32], axis=1)
+        if fmt == "q8_0":
+            return tuple(acc)
+        d = grp.d.reshape(cfg.rows)
+        dmin = None if grp.dmin is None else grp.dmin.reshape(cfg.rows)
+        return tuple(a + _chunk_scale(act, d, dmin, bi[t], bm[t],
+                                      dx_ref[(t0 + t) * (cols // CHUNK) + c] if act == "q8_k" else None)
+                     for t, a in enumerate(acc))
 
     zeros = tuple(jnp.zeros((cfg.rows,), jnp.float32) for _ in range(cfg.tokens))
     return step, zeros, _store_rows
 
 
+def _small_int_f32(v):
+    """int32 |v| < 2^22 -> float32 exactly: the bits of 1.5 · 2^23 + v less 1.5 · 2^23 (an integer add
+    and a float subtract instead of a slow int-to-float conversion)."""
+    return lax.bitcast_convert_type(v + 0x4B400000, jnp.float32) - jnp.float32(0x00C00000)
+
+
 def _int_dot(fmt, cfg, cols, act):
     """16+ tokens, integer modes: per group an int8 dot [rows, 32] x [32, tokens] -> int32 (q6_k: one
-    per half group, for its two scales), then the float scaling per chunk."""
+    per half group, for its two scales), weighted by the integer scales exactly (int32 for q8_k, in
+    float32 below 2^24 otherwise), then the reference's float scaling."""
     n_x32 = cols // GROUP
     first_half = _iota((1, GROUP), 1) < GROUP // 2
     tok = _iota((1, cfg.tokens), 1)
@@ -282,32 +307,40 @@ def _int_dot(fmt, cfg, cols, act):
     def idot(a, b):
         return jnp.dot(a.astype(jnp.int8), b, precision=_HI, preferred_element_type=jnp.int32)
 
+    def scaled_dots(grp, xq):
+        """[R, T] dots weighted by the integer scales: int32 (q8_k) or float32 (exact below 2^24)."""
+        codes = grp.codes.reshape(cfg.rows, GROUP)
+        if act == "q8_k":
+            if grp.isc2 is None:
+                return idot(codes, xq) if fmt == "q8_0" else _drop(grp.isc) * idot(codes, xq)
+            return (_drop(grp.isc) * idot(jnp.where(first_half, codes, 0), xq)
+                    + _drop(grp.isc2) * idot(jnp.where(first_half, 0, codes), xq))
+        if grp.isc2 is None:
+            dots = _small_int_f32(idot(codes, xq))
+            return dots if fmt == "q8_0" else _drop(grp.isc).astype(jnp.float32) * dots
+        return (_drop(grp.isc).astype(jnp.float32) * _small_int_f32(idot(jnp.where(first_half, codes, 0), xq))
+                + _drop(grp.isc2).astype(jnp.float32) * _small_int_f32(idot(jnp.where(first_half, 0, codes), xq)))
+
     def step(w_ref, x_refs, base, c, t0, acc):
         xq_ref, dx_ref = x_refs[:2]
         bi = bm = 0
-        for p in range(layouts.PARTS):
-            for s in range(layouts.GROUPS_PER_PART):
-                grp = layouts.decode(fmt, w_ref, base, p, s, 1)
-                codes = grp.codes.reshape(cfg.rows, GROUP)
+        for s in range(layouts.GROUPS_PER_PART):
+            for grp in layouts.decode(fmt, w_ref, base, PARTS, s, 1):
                 g = grp.g.reshape(1, 1)
                 xq = xq_ref[(t0 + tok) * cols + c * CHUNK + GROUP * g + _iota((GROUP, 1))]   # [32, T]
-                if grp.isc2 is None:
-                    dots = idot(codes, xq)
-                    dots = dots if fmt == "q8_0" else _drop(grp.isc) * dots
-                else:
-                    dots = (_drop(grp.isc) * idot(jnp.where(first_half, codes, 0), xq)
-                            + _drop(grp.isc2) * idot(jnp.where(first_half, 0, codes), xq))
+                dots = scaled_dots(grp, xq)
                 x32 = (t0 + tok) * n_x32 + c * GROUPS + g                                     # [1, T]
                 if act == "q8_k":
                     bi = bi + dots
                 elif fmt == "q8_0":
-                    acc = acc + (_drop(grp.d) * dx_ref[x32]) * dots.astype(jnp.float32)
+                    acc = acc + (_drop(grp.d) * dx_ref[x32]) * dots
                 else:
                     dx = dx_ref[x32]
-                    bi = bi + dx * dots.astype(jnp.float32)
-                if grp.imin is not None:
-                    mins = _drop(grp.imin) * x_refs[2][x32]
-                    bm = bm + (mins if act == "q8_k" else dx * mins.astype(jnp.float32))
+                    bi = bi + dx * dots
+                if grp.imin is not None and act == "q8_k":
+                    bm = bm + _drop(grp.imin) * x_refs[2][x32]                                 # int32
+                elif grp.imin is not None:
+                    bm = bm + _drop(grp.imin).astype(jnp.float32) * x_refs[2][x32]
         if fmt == "q8_0":
             return acc
         dxk = dx_ref[(t0 + tok) * (cols // CHUNK) + c] if act == "q8_k" else None
