@@ -44,22 +44,28 @@ log(f"copy bandwidth {bw / 1e9:.0f} GB/s")
 everything = {"device": jax.devices()[0].device_kind, "jax_version": jax.__version__,
               "copy_bandwidth_bytes_per_s": bw}
 
-# 1. The headline cases first (q4_k one token, q8_1 and f32), so a short run still answers them.
+def stage(name, obj):
+    everything[name] = obj
+    everything["elapsed_s"] = time.perf_counter() - START
+    atomic_write_json(os.path.join(out_dir, "kernels.json"), everything)
+
+# 1. The headline cases first (q4_k one token, q8_1 and f32, every variant), so a short run still
+#    answers them; 2. every format x mode x token path against the reference; 3. the other matvec
+#    shapes (reference and first variant each, then more variants); 4. the MoE products.
 cases = mv.default_cases()
-first, rest = cases[:2], cases[2:]
-head = mv.run(first, repeats=20, budget_s=until(100) - time.perf_counter(), copy_bw=bw, log=log)
-# 2. Every format x mode x token path against the reference.
-checks = mv.check_all(jax.random.PRNGKey(7), until(150), log)
+head = mv.run(cases[:2], budget_s=until(80) - time.perf_counter(), copy_bw=bw, log=log)
+stage("matvec", head)
+checks = mv.check_all(jax.random.PRNGKey(7), until(125), log)
 save("kernel-check", {"device": everything["device"], "jax_version": jax.__version__, "checks": checks})
-# 3. The other matvec shapes, then the MoE products.
-tail = mv.run(rest, repeats=20, budget_s=until(255) - time.perf_counter(), copy_bw=bw, log=log)
+stage("checks", checks)
+tail = mv.run(cases[2:], budget_s=until(250) - time.perf_counter(), copy_bw=bw, log=log)
 matvec = dict(head, cases=head["cases"] + tail["cases"], elapsed_s=head["elapsed_s"] + tail["elapsed_s"])
 save("matvec", matvec)
-moe = mb.run(repeats=20, budget_s=until(320) - time.perf_counter(), copy_bw=bw, log=log)
+stage("matvec", matvec)
+moe = mb.run(budget_s=until(320) - time.perf_counter(), copy_bw=bw, log=log)
 save("moe", moe)
+stage("moe", moe)
 
-everything.update(checks=checks, matvec=matvec, moe=moe, elapsed_s=time.perf_counter() - START)
-atomic_write_json(os.path.join(out_dir, "kernels.json"), everything)
 bad = [c for c in checks if c.get("ok") is False]
 print(f"\nchecks: {sum(bool(c.get('ok')) for c in checks)} ok, {len(bad)} failed, "
       f"{sum('skipped_for_time' in c for c in checks)} skipped for time")

@@ -213,31 +213,60 @@ def _us(entry: dict) -> float:
     return c["device_us"] if c["device_us"] is not None else c["wall_us"]
 
 
-def sweep(case: Case, configs, key, repeats: int, copy_bw: float, deadline: float, log=print) -> dict:
-    """The reference and every config of `configs` for one case (until the deadline), and the best."""
-    calls = 8 if case.n >= 256 or case.weight_bytes > (200 << 20) else 32
-    copies = copies_for(case.weight_bytes, calls)
-    kw, kx = jax.random.split(key)
-    ws = random_weights(kw, case.fmt, copies, case.rows, case.cols)
-    xs = [jax.random.normal(jax.random.fold_in(kx, i), (case.n, case.cols), jnp.float32) for i in range(8)]
-    out = {"case": dataclasses.asdict(case), "weight_bytes": case.weight_bytes, "copies": copies,
-           "calls_per_timing": calls, "reference": None, "variants": []}
-    if time.perf_counter() < deadline:
-        out["reference"] = measure(case, reference_product(case), ws, xs, calls, repeats, copy_bw, check=False)
-        log(f"{case.name}: reference {_brief(out['reference'])}")
-    for i, cfg in enumerate(configs):
-        if time.perf_counter() > deadline:
-            out["skipped_for_time"] = [config_dict(c) for c in configs[i:]]
-            break
-        e = measure(case, kernel_product(case, cfg), ws, xs, calls, repeats, copy_bw, hot=(i == 0 and case.n == 1))
+class Sweep:
+    """One case's inputs, its reference timing and its kernel variants, measured one at a time."""
+
+    def __init__(self, case: Case, configs, key, repeats: int, copy_bw: float, log=print):
+        self.case, self.configs, self.repeats, self.copy_bw, self.log = case, list(configs), repeats, copy_bw, log
+        self.calls = 8 if case.n >= 256 or case.weight_bytes > (200 << 20) else 32
+        copies = copies_for(case.weight_bytes, self.calls)
+        kw, kx = jax.random.split(key)
+        self.ws = random_weights(kw, case.fmt, copies, case.rows, case.cols)
+        self.xs = [jax.random.normal(jax.random.fold_in(kx, i), (case.n, case.cols), jnp.float32) for i in range(8)]
+        self.out = {"case": dataclasses.asdict(case), "weight_bytes": case.weight_bytes, "copies": copies,
+                    "calls_per_timing": self.calls, "reference": None, "variants": []}
+
+    def reference(self):
+        self.out["reference"] = measure(self.case, reference_product(self.case), self.ws, self.xs, self.calls,
+                                        self.repeats, self.copy_bw, check=False)
+        self.log(f"{self.case.name}: reference {_brief(self.out['reference'])}")
+
+    def variant(self, i: int):
+        cfg = self.configs[i]
+        e = measure(self.case, kernel_product(self.case, cfg), self.ws, self.xs, self.calls, self.repeats,
+                    self.copy_bw, hot=(i == 0 and self.case.n == 1))
         e["config"] = config_dict(cfg)
-        out["variants"].append(e)
-        log(f"{case.name}: {cfg} -> {_brief(e)}")
+        self.out["variants"].append(e)
+        self.log(f"{self.case.name}: {cfg} -> {_brief(e)}")
+
+    def result(self) -> dict:
+        return finish(self.out, [config_dict(c) for c in self.configs])
+
+
+def finish(out: dict, configs: list) -> dict:
+    """out with the best correct variant, its speed-up over the reference, configs never run."""
+    done = [v["config"] for v in out["variants"]]
+    out["skipped_for_time"] = [c for c in configs if c not in done]
     good = [v for v in out["variants"] if v.get("ok") and "cold" in v]
     out["best"] = min(good, key=_us) if good else None
     if out["best"] and out["reference"] and "cold" in out["reference"]:
         out["best_speedup_over_reference"] = _us(out["reference"]) / _us(out["best"])
     return out
+
+
+def run_sweeps(sweeps: list, deadline: float) -> list:
+    """Every sweep's reference and first variant, then the other variants round-robin until the
+    deadline, so that a short run still covers every case."""
+    for sw in sweeps:
+        if time.perf_counter() < deadline:
+            sw.reference()
+        if time.perf_counter() < deadline and sw.configs:
+            sw.variant(0)
+    for i in range(1, max((len(sw.configs) for sw in sweeps), default=0)):
+        for sw in sweeps:
+            if i < len(sw.configs) and time.perf_counter() < deadline:
+                sw.variant(i)
+    return [sw.result() for sw in sweeps]
 
 
 def _brief(e: dict) -> str:
@@ -256,50 +285,48 @@ def _cfg(rows, tokens=1, ksplit=1, unroll=1, warps=4, stages=3, dot="f32"):
                      num_stages=stages, dot=dot)
 
 
-# Variants, most promising first (a run out of time keeps the first ones).
-ONE_TOKEN = [_cfg(32, ksplit=4, warps=8), _cfg(32, ksplit=8, warps=8), _cfg(16, ksplit=4, warps=4),
-             _cfg(32, ksplit=2, warps=8), _cfg(64, ksplit=4, warps=8), _cfg(32, ksplit=4, unroll=2, warps=8),
-             _cfg(16, ksplit=8, warps=8), _cfg(64, ksplit=2, warps=16), _cfg(32, ksplit=4, warps=8, stages=2),
-             _cfg(32, ksplit=4, warps=8, stages=4), _cfg(8, ksplit=4, warps=2), _cfg(32, ksplit=1, warps=8)]
-FEW_TOKENS = [_cfg(32, tokens=8, ksplit=4, warps=8), _cfg(16, tokens=8, ksplit=4, warps=4),
-              _cfg(64, tokens=16, ksplit=2, warps=4), _cfg(32, tokens=16, ksplit=4, warps=4),
-              _cfg(32, tokens=8, ksplit=8, warps=8), _cfg(64, tokens=16, ksplit=4, warps=8)]
-MANY_TOKENS = [_cfg(64, tokens=64, warps=4), _cfg(128, tokens=64, warps=8), _cfg(64, tokens=128, warps=8),
-               _cfg(128, tokens=128, warps=8), _cfg(64, tokens=32, warps=4), _cfg(32, tokens=64, warps=4)]
+# Variants, the expected best first (a run out of time keeps the first ones).
+ONE_TOKEN = [_cfg(32, ksplit=4, warps=8), _cfg(32, ksplit=8, warps=8), _cfg(64, ksplit=2, warps=16),
+             _cfg(32, ksplit=2, warps=8), _cfg(64, ksplit=4, warps=8), _cfg(16, ksplit=8, warps=8),
+             _cfg(32, ksplit=4, warps=8, stages=2), _cfg(32, ksplit=4, warps=8, stages=4),
+             _cfg(32, ksplit=4, unroll=2, warps=8), _cfg(16, ksplit=4, warps=4), _cfg(32, ksplit=1, warps=8)]
+FEW_TOKENS_INT = [_cfg(64, tokens=16, ksplit=2, warps=4), _cfg(64, tokens=16, ksplit=4, warps=4),
+                  _cfg(32, tokens=16, ksplit=4, warps=4), _cfg(64, tokens=16, ksplit=4, warps=8),
+                  _cfg(32, tokens=8, ksplit=4, warps=8)]
+FEW_TOKENS_FLOAT = [_cfg(32, tokens=8, ksplit=4, warps=8), _cfg(32, tokens=8, ksplit=8, warps=8),
+                    _cfg(16, tokens=8, ksplit=4, warps=4), _cfg(32, tokens=16, ksplit=4, warps=4)]
+MANY_TOKENS_INT = [_cfg(128, tokens=64, warps=8), _cfg(64, tokens=32, warps=4), _cfg(128, tokens=32, warps=8),
+                   _cfg(64, tokens=64, warps=4)]
+MANY_TOKENS_FLOAT = [_cfg(64, tokens=32, warps=8), _cfg(32, tokens=16, warps=4),
+                     _cfg(64, tokens=32, warps=8, dot="tf32x3"), _cfg(64, tokens=16, warps=4, dot="tf32x3")]
 
 
 def default_cases():
     """(case, configs) in priority order: issue 7's MUL_MAT rows, then attention and lm_head shapes."""
     big = (4096, 14336)
-    cases = []
-    for act in ("q8_1", "f32", "q8_k"):
-        cases.append((Case("q4_k", *big, 1, act), ONE_TOKEN if act != "q8_k" else ONE_TOKEN[:4]))
-    for fmt, acts in (("q6_k", ("q8_1", "f32", "q8_k")), ("q8_0", ("q8_1", "f32", "q8_0"))):
-        for act in acts:
-            cases.append((Case(fmt, *big, 1, act), ONE_TOKEN[:4]))
-    for act in ("q8_1", "f32", "q8_k"):
-        cases.append((Case("q4_k", *big, 8, act), FEW_TOKENS if act != "q8_k" else FEW_TOKENS[:3]))
-    for act in ("q8_1", "f32"):
-        cases.append((Case("q4_k", *big, 512, act), MANY_TOKENS[:4] if act == "q8_1" else
-                      [dataclasses.replace(c, dot=d) for c in MANY_TOKENS[:2] for d in ("f32", "tf32x3")]))
-    for rows, cols, fmt in ((4096, 2048, "q4_k"), (512, 2048, "q4_k"), (512, 2048, "q6_k"), (151936, 2048, "q6_k")):
-        for act in ("q8_1", "f32"):
-            cases.append((Case(fmt, rows, cols, 1, act), ONE_TOKEN[:3]))
+    cases = [(Case("q4_k", *big, 1, act), ONE_TOKEN) for act in ("q8_1", "f32")]
+    cases.append((Case("q4_k", *big, 1, "q8_k"), ONE_TOKEN[:3]))
+    cases += [(Case(fmt, *big, 1, act), ONE_TOKEN[:4]) for fmt in ("q6_k", "q8_0") for act in ("q8_1", "f32")]
+    cases += [(Case("q4_k", *big, 8, "q8_1"), FEW_TOKENS_INT), (Case("q4_k", *big, 8, "f32"), FEW_TOKENS_FLOAT),
+              (Case("q4_k", *big, 512, "q8_1"), MANY_TOKENS_INT), (Case("q4_k", *big, 512, "f32"), MANY_TOKENS_FLOAT)]
+    cases += [(Case("q4_k", 4096, 2048, 1, act), ONE_TOKEN[:3]) for act in ("q8_1", "f32")]
+    cases += [(Case(fmt, 512, 2048, 1, "q8_1"), ONE_TOKEN[:3]) for fmt in ("q4_k", "q6_k")]
+    cases += [(Case("q6_k", 151936, 2048, 1, act), ONE_TOKEN[:3]) for act in ("q8_1", "f32")]
     return cases
 
 
-def run(cases=None, repeats: int = 20, budget_s: float = 240.0, seed: int = 0, copy_bw: float | None = None,
+def run(cases=None, repeats: int = 10, budget_s: float = 240.0, seed: int = 0, copy_bw: float | None = None,
         log=print) -> dict:
-    """Every case with its variants until budget_s is spent; the device, versions and copy bandwidth."""
+    """Every case (reference and first variant, then more variants) until budget_s is spent; the
+    device, versions and copy bandwidth."""
     from numlab.bench.codecs import copy_bandwidth
     start = time.perf_counter()
     dev = jax.devices()[0]
     copy_bw = copy_bw or copy_bandwidth(1 << 30, repeats)
     log(f"device {dev.device_kind}, jax {jax.__version__}, copy bandwidth {copy_bw / 1e9:.0f} GB/s")
-    results = []
-    for i, (case, configs) in enumerate(cases or default_cases()):
-        results.append(sweep(case, configs, jax.random.PRNGKey(seed * 1000 + i), repeats, copy_bw,
-                             start + budget_s, log))
+    sweeps = [Sweep(case, configs, jax.random.PRNGKey(seed * 1000 + i), repeats, copy_bw, log)
+              for i, (case, configs) in enumerate(cases or default_cases())]
+    results = run_sweeps(sweeps, start + budget_s)
     return {"device": dev.device_kind, "platform": dev.platform, "jax_version": jax.__version__,
             "copy_bandwidth_bytes_per_s": copy_bw, "repeats": repeats, "check_rtol": CHECK_RTOL,
             "ggml_source": "issue 7 table (ggml CUDA test-backend-ops perf, H100)",

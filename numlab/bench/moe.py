@@ -84,33 +84,36 @@ def measure(case: mv.Case, fn, w: QTensor, xs, idxs, calls: int, repeats: int, c
     return entry
 
 
-def sweep(case: mv.Case, configs, key, repeats: int, copy_bw: float, deadline: float, log=print) -> dict:
-    """MUL_MAT_ID: reference and grouped-kernel variants for n tokens, each routed to TOP_K experts."""
-    calls = 8 if case.n >= 64 else 32
-    kw, kx, ki = jax.random.split(key, 3)
-    (w,) = mv.random_weights(kw, case.fmt, 1, case.rows, case.cols, stack=(N_EXPERTS,))
-    xs = [jax.random.normal(jax.random.fold_in(kx, i), (case.n, case.cols), jnp.float32) for i in range(4)]
-    idxs = [routes(jax.random.fold_in(ki, i), case.n, N_EXPERTS) for i in range(calls)]
-    touched = float(np.mean([len(np.unique(np.asarray(i))) for i in idxs]))   # distinct experts per call
-    out = {"case": dataclasses.asdict(case), "experts": N_EXPERTS, "top_k": TOP_K, "mean_experts_touched": touched,
-           "reference": None, "variants": []}
-    if time.perf_counter() < deadline and case.n <= REFERENCE_MAX_N:
-        out["reference"] = measure(case, reference_product(case), w, xs, idxs, calls, repeats, copy_bw, False,
-                                   touched)
-        log(f"{case.name}: reference {mv._brief(out['reference'])}")
-    for i, cfg in enumerate(configs):
-        if time.perf_counter() > deadline:
-            out["skipped_for_time"] = [mv.config_dict(c) for c in configs[i:]]
-            break
-        e = measure(case, grouped_product(case, cfg), w, xs, idxs, calls, repeats, copy_bw, True, touched)
+class Sweep(mv.Sweep):
+    """MUL_MAT_ID: reference and grouped-kernel variants for n tokens, each routed to TOP_K of
+    N_EXPERTS experts (fresh routes per call)."""
+
+    def __init__(self, case: mv.Case, configs, key, repeats: int, copy_bw: float, log=print):
+        self.case, self.configs, self.repeats, self.copy_bw, self.log = case, list(configs), repeats, copy_bw, log
+        self.calls = 8 if case.n >= 64 else 32
+        kw, kx, ki = jax.random.split(key, 3)
+        (self.w,) = mv.random_weights(kw, case.fmt, 1, case.rows, case.cols, stack=(N_EXPERTS,))
+        self.xs = [jax.random.normal(jax.random.fold_in(kx, i), (case.n, case.cols), jnp.float32) for i in range(4)]
+        self.idxs = [routes(jax.random.fold_in(ki, i), case.n, N_EXPERTS) for i in range(self.calls)]
+        self.touched = float(np.mean([len(np.unique(np.asarray(i))) for i in self.idxs]))
+        self.out = {"case": dataclasses.asdict(case), "experts": N_EXPERTS, "top_k": TOP_K,
+                    "mean_experts_touched": self.touched, "reference": None, "variants": []}
+
+    def _measure(self, fn, check):
+        return measure(self.case, fn, self.w, self.xs, self.idxs, self.calls, self.repeats, self.copy_bw, check,
+                       self.touched)
+
+    def reference(self):
+        if self.case.n <= REFERENCE_MAX_N:
+            self.out["reference"] = self._measure(reference_product(self.case), False)
+            self.log(f"{self.case.name}: reference {mv._brief(self.out['reference'])}")
+
+    def variant(self, i: int):
+        cfg = self.configs[i]
+        e = self._measure(grouped_product(self.case, cfg), True)
         e["config"] = mv.config_dict(cfg)
-        out["variants"].append(e)
-        log(f"{case.name}: {cfg} -> {mv._brief(e)}")
-    good = [v for v in out["variants"] if v.get("ok") and "cold" in v]
-    out["best"] = min(good, key=mv._us) if good else None
-    if out["best"] and out["reference"] and "cold" in out["reference"]:
-        out["best_speedup_over_reference"] = mv._us(out["reference"]) / mv._us(out["best"])
-    return out
+        self.out["variants"].append(e)
+        self.log(f"{self.case.name}: {cfg} -> {mv._brief(e)}")
 
 
 def ffn_sweep(n: int, act: str, cfg: qm.Config, key, repeats: int, deadline: float, log=print) -> dict:
@@ -140,30 +143,32 @@ def _cfg(rows, tokens=1, ksplit=1, warps=4):
 
 
 def default_cases():
-    one = [_cfg(32, ksplit=2, warps=8), _cfg(32, warps=8), _cfg(16, ksplit=2), _cfg(64, warps=8)]
-    few = [_cfg(32, tokens=4, warps=8), _cfg(64, tokens=16), _cfg(32, tokens=16), _cfg(16, tokens=4)]
-    many = [_cfg(64, tokens=16), _cfg(64, tokens=32), _cfg(128, tokens=16, warps=8), _cfg(32, tokens=16)]
-    cases = []
-    for act in ("q8_1", "f32"):
-        for n, cfgs in ((1, one), (64, few), (256, many)):
-            cases.append((mv.Case("q4_k", D_FF, D_MODEL, n, act, "mul_mat_id"), cfgs if act == "q8_1" else cfgs[:2]))
-    cases.append((mv.Case("q6_k", D_FF, D_MODEL, 1, "q8_1", "mul_mat_id"), one[:2]))
-    return cases
+    one = [_cfg(32, ksplit=2, warps=8), _cfg(32, warps=8), _cfg(64, warps=16), _cfg(16, ksplit=2)]
+    few_int = [_cfg(64, tokens=16), _cfg(32, tokens=16), _cfg(32, tokens=4, warps=8)]
+    many_int = [_cfg(64, tokens=16), _cfg(64, tokens=32), _cfg(128, tokens=16, warps=8)]
+    few_float = [_cfg(32, tokens=4, warps=8), _cfg(32, tokens=8, warps=8)]
+    many_float = [_cfg(64, tokens=16, warps=8), _cfg(32, tokens=8, warps=8)]
+    q4 = lambda n, act: mv.Case("q4_k", D_FF, D_MODEL, n, act, "mul_mat_id")
+    return [(q4(1, "q8_1"), one), (q4(64, "q8_1"), few_int), (q4(256, "q8_1"), many_int),
+            (mv.Case("q6_k", D_FF, D_MODEL, 1, "q8_1", "mul_mat_id"), one[:2]),
+            (q4(1, "f32"), one[:2]), (q4(64, "f32"), few_float), (q4(256, "f32"), many_float)]
 
 
-def run(cases=None, repeats: int = 20, budget_s: float = 90.0, seed: int = 0, copy_bw: float | None = None,
+def run(cases=None, repeats: int = 10, budget_s: float = 90.0, seed: int = 0, copy_bw: float | None = None,
         log=print) -> dict:
+    """MUL_MAT_ID cases (reference and first variant each, then more variants), then the whole layer."""
     from numlab.bench.codecs import copy_bandwidth
     start = time.perf_counter()
     dev = jax.devices()[0]
     copy_bw = copy_bw or copy_bandwidth(1 << 30, repeats)
-    results = [sweep(c, cfgs, jax.random.PRNGKey(seed * 1000 + i), repeats, copy_bw, start + budget_s, log)
-               for i, (c, cfgs) in enumerate(cases or default_cases())]
+    sweeps = [Sweep(c, cfgs, jax.random.PRNGKey(seed * 1000 + i), repeats, copy_bw, log)
+              for i, (c, cfgs) in enumerate(cases or default_cases())]
+    results = mv.run_sweeps(sweeps, start + 0.8 * budget_s)
     ffn = [ffn_sweep(n, act, cfg, jax.random.PRNGKey(seed * 1000 + 500 + n), repeats, start + budget_s, log)
-           for n, act, cfg in ((1, "q8_1", _cfg(32, ksplit=2, warps=8)), (64, "q8_1", _cfg(32, tokens=4, warps=8)),
+           for n, act, cfg in ((1, "q8_1", _cfg(32, ksplit=2, warps=8)), (64, "q8_1", _cfg(64, tokens=16)),
                                (256, "q8_1", _cfg(64, tokens=16)))] if cases is None else []
     return {"device": dev.device_kind, "platform": dev.platform, "jax_version": jax.__version__,
             "copy_bandwidth_bytes_per_s": copy_bw, "repeats": repeats, "check_rtol": mv.CHECK_RTOL,
-            "notes": __doc__ + " Bandwidth figures count the whole projection's bytes (all experts): for "
-                     "n=1 only mean_experts_touched of them are read.",
+            "notes": __doc__ + " Bandwidth figures count the bytes of the experts a call touches and "
+                     "2·rows·cols·n·top_k flops (as ggml's MUL_MAT_ID figures).",
             "elapsed_s": time.perf_counter() - start, "cases": results, "moe_ffn": ffn}
