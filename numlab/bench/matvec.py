@@ -280,9 +280,9 @@ def _brief(e: dict) -> str:
             f"({c['of_copy_bandwidth']:.2f} of copy), {c['tflop_per_s']:.2f} TFLOP/s{ggml}{check}")
 
 
-def _cfg(rows, tokens=1, ksplit=1, unroll=1, warps=4, stages=3, dot="f32"):
+def _cfg(rows, tokens=1, ksplit=1, unroll=1, warps=4, stages=3, dot="f32", lane_runs=0):
     return qm.Config(rows=rows, tokens=tokens, ksplit=ksplit, unroll=unroll, num_warps=warps,
-                     num_stages=stages, dot=dot)
+                     num_stages=stages, dot=dot, lane_runs=lane_runs)
 
 
 # Variants, the expected best first (a run out of time keeps the first ones).
@@ -306,7 +306,8 @@ def default_cases():
     big = (4096, 14336)
     cases = [(Case("q4_k", *big, 1, act), ONE_TOKEN) for act in ("q8_1", "f32")]
     cases.append((Case("q4_k", *big, 1, "q8_k"), ONE_TOKEN[:3]))
-    cases += [(Case(fmt, *big, 1, act), ONE_TOKEN[:4]) for fmt in ("q6_k", "q8_0") for act in ("q8_1", "f32")]
+    two_byte = ONE_TOKEN[:3] + [_cfg(32, ksplit=4, warps=8, lane_runs=1), _cfg(64, ksplit=4, warps=8)]
+    cases += [(Case(fmt, *big, 1, act), two_byte) for fmt in ("q6_k", "q8_0") for act in ("q8_1", "f32")]
     cases += [(Case("q4_k", *big, 8, "q8_1"), FEW_TOKENS_INT), (Case("q4_k", *big, 8, "f32"), FEW_TOKENS_FLOAT),
               (Case("q4_k", *big, 512, "q8_1"), MANY_TOKENS_INT), (Case("q4_k", *big, 512, "f32"), MANY_TOKENS_FLOAT)]
     cases += [(Case("q4_k", 4096, 2048, 1, act), ONE_TOKEN[:3]) for act in ("q8_1", "f32")]

@@ -22,13 +22,56 @@ CHUNK_BYTES = {"q4_k": 144, "q5_k": 176, "q6_k": 210, "q8_0": 272}
 _BIAS = {"q4_k": 0, "q5_k": 0, "q6_k": 32, "q8_0": 128}   # level + bias >= 0
 
 
+@dataclasses.dataclass(frozen=True)
+class Lanes:
+    """Where a group's 32 values lie in the decoded tensors. runs=1: [R, G, 32], values last (Triton
+    reads 16-byte vectors of 16-byte aligned formats, one thread holding 16 values of a group);
+    runs=16: [16, R, G, 2], runs of two values first, for formats whose blocks are only 2-byte aligned
+    (q6_k's 210 bytes, q8_0's 34): Triton's 2-byte vectors would otherwise spread a group over 16
+    threads, each decoding the group's scales for two values; with the runs axis first and slowest it
+    keeps whole groups in one thread. Per-group fields are [R, G, 1] or [1, R, G, 1]."""
+
+    runs: int = 1
+
+    @property
+    def split(self) -> bool:
+        return self.runs > 1
+
+    def rows(self, base):
+        """base int32 [R] as the row axis of a decoded tensor."""
+        return base[None, :, None, None] if self.split else base[:, None, None]
+
+    def groups(self, ns: int, s0: int = 0):
+        """int32 group numbers s0 .. s0 + ns - 1 along the group axis."""
+        return _iota((1, 1, ns, 1) if self.split else (1, ns, 1), 2 if self.split else 1) + s0
+
+    def value(self):
+        """int32 index 0..31 of each value within its group."""
+        if not self.split:
+            return _iota((1, 1, GROUP), 2)
+        w = GROUP // self.runs
+        return w * _iota((self.runs, 1, 1, 1), 0) + _iota((1, 1, 1, w), 3)
+
+    @property
+    def value_axes(self) -> tuple:
+        return (0, 3) if self.split else (2,)
+
+    @property
+    def non_row_axes(self) -> tuple:
+        return (0, 2, 3) if self.split else (1, 2)
+
+
+STANDARD = Lanes(1)
+
+
 @dataclasses.dataclass
 class Groups:
-    """Decoded groups of one part, for rows R and groups G: codes int32 [R, G, 32] = unit · level
-    (unit 1, or 16 for high nibbles left in place by decode(..., scaled=True)), g int32 [1, G, 1] (group
-    index in the chunk), d float32 [R, 1, 1] (q8_0: [R, G, 1]), isc int32 [R, G, 1] (integer scale; q6_k:
-    of the group's first 16 values, isc2 of its last 16, else isc2 is None), dmin float32 [R, 1, 1] and
-    imin int32 [R, G, 1] for formats with mins, else None."""
+    """Decoded groups of one part, for rows R and groups G, shaped as Lanes says ([R, G, 32] here):
+    codes int32 [R, G, 32] = unit · level (unit 1, or 16 for high nibbles left in place by decode(...,
+    scaled=True)), g int32 [1, G, 1] (group index in the chunk), d float32 [R, 1, 1] (q8_0: [R, G, 1]),
+    isc int32 [R, G, 1] (integer scale; q6_k: of the group's first 16 values, isc2 of its last 16, else
+    isc2 is None), dmin float32 [R, 1, 1] and imin int32 [R, G, 1] for formats with mins, else None;
+    value int32 [1, 1, 32]: the index of each value within its group."""
 
     codes: jax.Array
     unit: int
@@ -38,12 +81,13 @@ class Groups:
     isc2: jax.Array | None
     dmin: jax.Array | None
     imin: jax.Array | None
+    value: jax.Array
 
     def scale_of_values(self):
-        """int32 integer scale of every value: [R, G, 1], or [R, G, 32] where it changes mid-group."""
+        """int32 integer scale of every value: per group, or per value where it changes mid-group."""
         if self.isc2 is None:
             return self.isc
-        return jnp.where(_iota((1, 1, GROUP), 2) < GROUP // 2, self.isc, self.isc2)
+        return jnp.where(self.value < GROUP // 2, self.isc, self.isc2)
 
 
 def _iota(shape, dim):
@@ -66,9 +110,9 @@ def _i8(byte):
     return byte - ((byte >> 7) << 8)
 
 
-def group_index(fmt: str, part: int, s0: int, ns: int):
-    """int32 [1, ns, 1]: chunk group of groups s0 .. s0 + ns - 1 of `part` (as decode's Groups.g)."""
-    return _GROUP_OF[fmt](_iota((1, ns, 1), 1) + s0, part)
+def group_index(fmt: str, part: int, s0: int, ns: int, lanes: Lanes = STANDARD):
+    """int32: chunk group of groups s0 .. s0 + ns - 1 of `part` (as decode's Groups.g)."""
+    return _GROUP_OF[fmt](lanes.groups(ns, s0), part)
 
 
 _GROUP_OF = {
@@ -79,7 +123,7 @@ _GROUP_OF = {
 }
 
 
-def decode(fmt: str, ref, base, parts, s0: int, ns: int, scaled: bool = False) -> list:
+def decode(fmt: str, ref, base, parts, s0: int, ns: int, scaled: bool = False, lanes: Lanes = STANDARD) -> list:
     """[Groups] of each part in `parts`: groups s0 .. s0 + ns - 1 of the chunks starting at byte
     offsets base int32 [R]. Bytes shared by the parts (q4_k's low and high nibbles) are loaded once.
 
@@ -87,9 +131,9 @@ def decode(fmt: str, ref, base, parts, s0: int, ns: int, scaled: bool = False) -
     float path, which folds the 1/16 into the scale exactly. Each decoder loads its codes last:
     Triton propagates the register layout of the last load of a chain first, so the [R, G, 32] code
     bytes, not a [R, G, 1] scale, fix the layout of the math."""
-    b3 = base[:, None, None]
-    s = _iota((1, ns, 1), 1) + s0
-    i = _iota((1, 1, GROUP), 2)
+    b3 = lanes.rows(base)
+    s = lanes.groups(ns, s0)
+    i = lanes.value()
     g = [_GROUP_OF[fmt](s, p) for p in parts]
     return _DECODERS[fmt](ref, b3, s, i, g, parts, scaled)
 
@@ -120,7 +164,7 @@ def _q4_k(ref, b3, s, i, gs, parts, scaled):
     scales = [_kquant_scales(ref, b3, g) for g in gs]
     d, dmin = _f16(ref, b3), _f16(ref, b3 + 2)
     qs = _u8(ref, b3 + 16 + GROUP * s + i)                # run c = s: low nibbles g = 2c, high 2c + 1
-    return [Groups(_nibble(qs, p == 1, scaled), _unit(p, scaled), g, d, sc, None, dmin, mn)
+    return [Groups(_nibble(qs, p == 1, scaled), _unit(p, scaled), g, d, sc, None, dmin, mn, i)
             for p, g, (sc, mn) in zip(parts, gs, scales)]
 
 
@@ -133,7 +177,7 @@ def _q5_k(ref, b3, s, i, gs, parts, scaled):
     for p, g, (sc, mn) in zip(parts, gs, scales):
         unit = _unit(p, scaled)
         codes = _nibble(qs, p == 1, scaled) | ((qh >> g) & 1) * (16 * unit)
-        out.append(Groups(codes, unit, g, d, sc, None, dmin, mn))
+        out.append(Groups(codes, unit, g, d, sc, None, dmin, mn, i))
     return out
 
 
@@ -148,13 +192,13 @@ def _q6_k(ref, b3, s, i, gs, parts, scaled):
     for p, g, (sc_a, sc_b) in zip(parts, gs, scales):
         unit = _unit(p, scaled)
         level = _nibble(ql, p == 1, scaled) | ((qh >> (2 * (j + 2 * p))) & 3) * (16 * unit)
-        out.append(Groups(level - 32 * unit, unit, g, d, sc_a, sc_b, None, None))
+        out.append(Groups(level - 32 * unit, unit, g, d, sc_a, sc_b, None, None, i))
     return out
 
 
 def _q8_0(ref, b3, s, i, gs, parts, scaled):
     ds = [_f16(ref, b3 + 34 * g) for g in gs]
-    return [Groups(_i8(_u8(ref, b3 + 34 * g + 2 + i)), 1, g, d, jnp.ones_like(d, jnp.int32), None, None, None)
+    return [Groups(_i8(_u8(ref, b3 + 34 * g + 2 + i)), 1, g, d, jnp.ones_like(d, jnp.int32), None, None, None, i)
             for g, d in zip(gs, ds)]
 
 

@@ -42,7 +42,9 @@ class Config:
     """Tiling of one kernel launch. rows, tokens: powers of two (tokens >= 16 uses dots, then rows
     >= 16 too); ksplit programs share a row's columns (partial sums added after the kernel); unroll
     chunks of 256 columns per loop iteration; Triton's num_warps and num_stages; dot: the float dot
-    for tokens >= 16 (f32 exact products, tf32x3 / bf16x6 split products on tensor cores)."""
+    for tokens >= 16 (f32 exact products, tf32x3 / bf16x6 split products on tensor cores); lane_runs:
+    the value layout of the multiply-add paths (layouts.Lanes: 1 or 16; 0 picks 16 for the 2-byte
+    aligned q6_k and q8_0, 1 otherwise)."""
 
     rows: int = 16
     tokens: int = 1
@@ -51,6 +53,7 @@ class Config:
     num_warps: int = 4
     num_stages: int = 3
     dot: str = "f32"
+    lane_runs: int = 0
 
     def check(self):
         for name in ("rows", "tokens"):
@@ -64,7 +67,13 @@ class Config:
             raise ValueError(f"Config.dot={self.dot!r}; valid: {', '.join(DOTS)}")
         if min(self.ksplit, self.unroll, self.num_warps, self.num_stages) < 1:
             raise ValueError(f"Config {self}: ksplit, unroll, num_warps, num_stages must be >= 1")
+        if self.lane_runs not in (0, 1, 16):
+            raise ValueError(f"Config.lane_runs={self.lane_runs}; valid: 0 (by format), 1, 16")
         return self
+
+    def lanes(self, fmt: str) -> layouts.Lanes:
+        """The value layout of the multiply-add paths for weights in fmt."""
+        return layouts.Lanes(self.lane_runs or (16 if fmt in ("q6_k", "q8_0") else 1))
 
 
 def acts_for(fmt: str) -> tuple:
@@ -172,9 +181,9 @@ def _kernel(te_ref, w_ref, *refs, fmt, act, cfg, cols, row_bytes, expert_bytes):
         store(o_ref, lax.fori_loop(0, steps // cfg.unroll, body, acc))
 
 
-def _xpos(c, g):
-    """Column of value i of group g [.., G, 1] in chunk c, as [.., G, 32]."""
-    return c * CHUNK + GROUP * g + _iota((1, 1, GROUP), 2)
+def _xpos(c, g, lanes):
+    """Column of each value of the groups g in chunk c (shaped as lanes says)."""
+    return c * CHUNK + GROUP * g + lanes.value()
 
 
 def _store_rows(o_ref, acc):
@@ -188,24 +197,26 @@ def _float_fma(fmt, cfg, cols):
     sums per (row, group, value) carried across chunks and reduced at the end; several tokens: one
     [rows] sum per token, reduced per chunk."""
     g_n = layouts.GROUPS_PER_PART
+    lanes = cfg.lanes(fmt)
     one = cfg.tokens == 1
 
     def step(w_ref, x_refs, base, c, t0, acc):
         (x_ref,) = x_refs
-        xs = [[x_ref[(t0 + t) * cols + _xpos(c, layouts.group_index(fmt, p, 0, g_n))]
-               for t in range(cfg.tokens)] for p in range(layouts.PARTS)]
-        for p, grp in enumerate(layouts.decode(fmt, w_ref, base, PARTS, 0, g_n, scaled=True)):
+        xs = [[x_ref[(t0 + t) * cols + _xpos(c, layouts.group_index(fmt, p, 0, g_n, lanes), lanes)]
+               for t in range(cfg.tokens)] for p in PARTS]                     # x first: see _kernel
+        for p, grp in enumerate(layouts.decode(fmt, w_ref, base, PARTS, 0, g_n, True, lanes)):
             w = layouts.dequantized(fmt, grp)
             if one:
                 acc = acc + w * xs[p][0]
             else:
-                acc = tuple(a + jnp.sum(w * xv, axis=(1, 2)) for a, xv in zip(acc, xs[p]))
+                acc = tuple(a + jnp.sum(w * xv, axis=lanes.non_row_axes) for a, xv in zip(acc, xs[p]))
         return acc
 
     if one:
         def store(o_ref, acc):
-            o_ref[0, :] = jnp.sum(acc, axis=(1, 2))
-        return step, jnp.zeros((cfg.rows, g_n, GROUP), jnp.float32), store
+            o_ref[0, :] = jnp.sum(acc, axis=lanes.non_row_axes)
+        shape = (lanes.runs, cfg.rows, g_n, GROUP // lanes.runs) if lanes.split else (cfg.rows, g_n, GROUP)
+        return step, jnp.zeros(shape, jnp.float32), store
     return step, tuple(jnp.zeros((cfg.rows,), jnp.float32) for _ in range(cfg.tokens)), _store_rows
 
 
@@ -247,37 +258,42 @@ def _int_fma(fmt, cfg, cols, act):
     2^24; a high nibble's factor 16 comes off exactly), then the reference's float scaling."""
     g_n = layouts.GROUPS_PER_PART
     n_x32 = cols // GROUP
+    lanes = cfg.lanes(fmt)
+
+    def per_group(a):
+        """A per-group field ([.., R, G, 1] or [1, 1, G, 1]) as [R, G] or [1, G]."""
+        return a.reshape(-1, g_n)
 
     def group_dots(grp, q, xq):
         """[R, G] float32 integer dots, weighted by the integer scales (exact: q6_k's per-half scales
         go into the unscaled codes first, |scale · code · x code| · 32 < 2^24)."""
         if grp.isc2 is not None:
-            return jnp.sum(q * grp.scale_of_values().astype(jnp.float32) * xq, axis=2)
-        dots = jnp.sum(q * xq, axis=2) * jnp.float32(1 / grp.unit)
-        return dots if fmt == "q8_0" else dots * _drop(grp.isc).astype(jnp.float32)
+            return jnp.sum(q * grp.scale_of_values().astype(jnp.float32) * xq, axis=lanes.value_axes)
+        dots = jnp.sum(q * xq, axis=lanes.value_axes) * jnp.float32(1 / grp.unit)
+        return dots if fmt == "q8_0" else dots * per_group(grp.isc).astype(jnp.float32)
 
     def step(w_ref, x_refs, base, c, t0, acc):
         xq_ref, dx_ref = x_refs[:2]
         toks = range(cfg.tokens)
-        xqs = [[xq_ref[(t0 + t) * cols + _xpos(c, layouts.group_index(fmt, p, 0, g_n))] for t in toks]
-               for p in range(layouts.PARTS)]                                    # x first: see _kernel
+        xqs = [[xq_ref[(t0 + t) * cols + _xpos(c, layouts.group_index(fmt, p, 0, g_n, lanes), lanes)]
+                for t in toks] for p in PARTS]                                   # x first: see _kernel
         acc, bi, bm = list(acc), [0] * cfg.tokens, [0] * cfg.tokens
-        for p, grp in enumerate(layouts.decode(fmt, w_ref, base, PARTS, 0, g_n, scaled=fmt != "q6_k")):
+        for p, grp in enumerate(layouts.decode(fmt, w_ref, base, PARTS, 0, g_n, fmt != "q6_k", lanes)):
             q = layouts.codes_f32(fmt, grp)
             for t in toks:
                 dots = group_dots(grp, q, xqs[p][t])
-                x32 = (t0 + t) * n_x32 + c * GROUPS + _drop(grp.g)                 # [1, G]
+                x32 = (t0 + t) * n_x32 + c * GROUPS + per_group(grp.g)            # [1, G]
                 if act == "q8_k":
                     bi[t] = bi[t] + jnp.sum(dots.astype(jnp.int32), axis=1)
                 elif fmt == "q8_0":
-                    acc[t] = acc[t] + jnp.sum((_drop(grp.d) * dx_ref[x32]) * dots, axis=1)
+                    acc[t] = acc[t] + jnp.sum((per_group(grp.d) * dx_ref[x32]) * dots, axis=1)
                 else:
                     dx = dx_ref[x32]
                     bi[t] = bi[t] + jnp.sum(dx * dots, axis=1)
                 if grp.imin is not None and act == "q8_k":
-                    bm[t] = bm[t] + jnp.sum(_drop(grp.imin) * x_refs[2][x32], axis=1)          # int32
+                    bm[t] = bm[t] + jnp.sum(per_group(grp.imin) * x_refs[2][x32], axis=1)      # int32
                 elif grp.imin is not None:
-                    bm[t] = bm[t] + jnp.sum(_drop(grp.imin).astype(jnp.float32) * x_refs[2][x32], axis=1)
+                    bm[t] = bm[t] + jnp.sum(per_group(grp.imin).astype(jnp.float32) * x_refs[2][x32], axis=1)
         if fmt == "q8_0":
             return tuple(acc)
         d = grp.d.reshape(cfg.rows)
