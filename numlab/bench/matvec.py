@@ -89,13 +89,13 @@ def copies_for(nbytes: int, calls: int) -> int:
     return max(1, min(calls, math.ceil(ROTATE_BYTES / nbytes)))
 
 
-def _device_busy_ns(xspace_dir: str) -> tuple[float | None, list]:
-    """Sum of GPU activity durations in the trace under xspace_dir (CUPTI stream lines), and the
-    names of the lines summed; None where the trace has no GPU plane."""
+def _device_busy(xspace_dir: str) -> tuple[float | None, list, dict]:
+    """(sum of GPU activity durations in ns in the trace under xspace_dir (CUPTI stream lines), the
+    names of the lines summed, ns per activity name); None where the trace has no GPU plane."""
     files = glob.glob(f"{xspace_dir}/**/*.xplane.pb", recursive=True)
     if not files:
-        return None, []
-    total, names = 0.0, []
+        return None, [], {}
+    total, names, by_name = 0.0, [], {}
     for plane in ProfileData.from_file(files[0]).planes:
         if not plane.name.startswith("/device:GPU"):
             continue
@@ -103,8 +103,10 @@ def _device_busy_ns(xspace_dir: str) -> tuple[float | None, list]:
                 [ln for ln in plane.lines if ln.name not in ("XLA Modules", "XLA Ops", "Steps", "Source")]
         for ln in lines:
             names.append(ln.name)
-            total += sum(e.duration_ns for e in ln.events)
-    return (total if names else None), names
+            for e in ln.events:
+                total += e.duration_ns
+                by_name[e.name] = by_name.get(e.name, 0.0) + e.duration_ns
+    return (total if names else None), names, by_name
 
 
 def time_calls(fn, arg_sets, calls: int, repeats: int) -> dict:
@@ -121,9 +123,11 @@ def time_calls(fn, arg_sets, calls: int, repeats: int) -> dict:
         with tempfile.TemporaryDirectory() as d:
             with jax.profiler.trace(d):
                 jax.block_until_ready([fn(*arg_sets[i % len(arg_sets)]) for i in range(calls)])
-            busy, names = _device_busy_ns(d)
+            busy, names, by_name = _device_busy(d)
         out["device_s"] = None if busy is None else busy * 1e-9 / calls
         out["trace_lines"] = names[:8]
+        top = sorted(by_name.items(), key=lambda kv: -kv[1])[:6]
+        out["kernels_us_per_call"] = {k[:120]: v * 1e-3 / calls for k, v in top}
     except Exception as e:  # no profiler on this machine: wall times only
         out["device_s"], out["trace_error"] = None, f"{type(e).__name__}: {e}"[:500]
     return out
@@ -150,7 +154,7 @@ def figures(case: Case, t: dict, copy_bw: float, moved: float | None = None, flo
             "of_copy_bandwidth": moved / seconds / copy_bw,
             "tflop_per_s": flops / seconds / 1e12,
             "ggml_us": ggml_us, "ggml_over_ours": None if ggml_us is None else ggml_us * 1e-6 / seconds,
-            **{k: t[k] for k in ("trace_lines", "trace_error") if k in t}}
+            **{k: t[k] for k in ("trace_lines", "trace_error", "kernels_us_per_call") if k in t}}
 
 
 def kernel_product(case: Case, cfg: qm.Config):

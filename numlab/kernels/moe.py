@@ -26,6 +26,8 @@ def group_by_expert(idx, n_experts: int, tokens: int):
     most tiles T·k pairs over n_experts experts can need."""
     pairs = idx.size
     e = idx.reshape(-1).astype(jnp.int32)
+    if tokens == 1:                                  # a tile per pair: no sorting
+        return jnp.arange(pairs, dtype=jnp.int32), e
     n_tiles = (pairs + min(n_experts, pairs) * (tokens - 1)) // tokens
     counts = jnp.zeros((n_experts,), jnp.int32).at[e].add(1)
     tiles = -(-counts // tokens)
