@@ -35,10 +35,9 @@ def grouped_product(case: mv.Case, cfg: qm.Config):
 
     def product(w, x, idx):
         slot, tile_expert = moe.group_by_expert(idx, w.data.shape[0], cfg.tokens)
-        xs = jnp.zeros((tile_expert.shape[0] * cfg.tokens, case.cols), jnp.float32)
-        xs = xs.at[slot].set(jnp.repeat(x, idx.shape[1], axis=0))
+        xs = moe.to_tiles(jnp.repeat(x, idx.shape[1], axis=0), slot, tile_expert.shape[0] * cfg.tokens)
         y = moe.expert_matmul(w, xs, tile_expert, case.act, cfg, interpret)
-        return y[slot].reshape(idx.shape + (case.rows,))
+        return moe.from_tiles(y, slot).reshape(idx.shape + (case.rows,))
     return jax.jit(product)
 
 

@@ -41,6 +41,19 @@ def group_by_expert(idx, n_experts: int, tokens: int):
     return slot, tile_expert
 
 
+def to_tiles(rows, slot, n_rows: int):
+    """Pair rows [T·k, d] laid out by group_by_expert's slots as [n_rows, d], zeros between groups
+    (one-pair tiles: the rows themselves)."""
+    if n_rows == rows.shape[0]:
+        return rows
+    return jnp.zeros((n_rows, rows.shape[1]), rows.dtype).at[slot].set(rows)
+
+
+def from_tiles(tiled, slot):
+    """The pairs' rows [T·k, d] back from the tiled layout."""
+    return tiled if tiled.shape[0] == slot.shape[0] else tiled[slot]
+
+
 def expert_matmul(w: QTensor, xs_tiled, tile_expert, act: str, cfg: qm.Config, interpret: bool):
     """Rows laid out by group_by_expert [n_tiles·tokens, cols] times their tiles' experts of the stack
     w (data [E, rows, row_bytes]) in mode act -> float32 [n_tiles·tokens, rows]."""
@@ -63,10 +76,9 @@ def moe_ffn(x, idx, weights, gate: QTensor, up: QTensor, down: QTensor, act: str
     cfg = qm.fit(config or tuning.config_for(gate.fmt, act, max(1, t * k // n_experts), *gate.shape),
                  *gate.shape)
     slot, tile_expert = group_by_expert(idx, n_experts, cfg.tokens)
-    rows = tile_expert.shape[0] * cfg.tokens
-    xs = jnp.zeros((rows, x.shape[-1]), jnp.float32).at[slot].set(jnp.repeat(x.astype(jnp.float32), k, axis=0))
+    xs = to_tiles(jnp.repeat(x.astype(jnp.float32), k, axis=0), slot, tile_expert.shape[0] * cfg.tokens)
     h = glu(expert_matmul(gate, xs, tile_expert, act, cfg, interpret),
             expert_matmul(up, xs, tile_expert, act, cfg, interpret))
-    out = expert_matmul(down, h, tile_expert, act, cfg, interpret)[slot].reshape(t, k, -1)
+    out = from_tiles(expert_matmul(down, h, tile_expert, act, cfg, interpret), slot).reshape(t, k, -1)
     return jnp.einsum("tkd,tk->td", out, weights.astype(jnp.float32), precision=_HI,
                       preferred_element_type=jnp.float32)
