@@ -21,7 +21,6 @@ import traceback
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.profiler import ProfileData
 
 import numlab.formats as formats
