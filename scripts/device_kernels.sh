@@ -53,16 +53,16 @@ def stage(name, obj):
 #    answers them; 2. every format x mode x token path against the reference; 3. the other matvec
 #    shapes (reference and first variant each, then more variants); 4. the MoE products.
 cases = mv.default_cases()
-head = mv.run(cases[:2], budget_s=until(80) - time.perf_counter(), copy_bw=bw, log=log)
+head = mv.run(cases[:2], budget_s=until(75) - time.perf_counter(), copy_bw=bw, log=log)
 stage("matvec", head)
-checks = mv.check_all(jax.random.PRNGKey(7), until(125), log)
+checks = mv.check_all(jax.random.PRNGKey(7), until(135), log)
 save("kernel-check", {"device": everything["device"], "jax_version": jax.__version__, "checks": checks})
 stage("checks", checks)
 tail = mv.run(cases[2:], budget_s=until(250) - time.perf_counter(), copy_bw=bw, log=log)
 matvec = dict(head, cases=head["cases"] + tail["cases"], elapsed_s=head["elapsed_s"] + tail["elapsed_s"])
 save("matvec", matvec)
 stage("matvec", matvec)
-moe = mb.run(budget_s=until(320) - time.perf_counter(), copy_bw=bw, log=log)
+moe = mb.run(budget_s=until(325) - time.perf_counter(), copy_bw=bw, log=log)
 save("moe", moe)
 stage("moe", moe)
 
