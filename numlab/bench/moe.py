@@ -163,7 +163,7 @@ def run(cases=None, repeats: int = 10, budget_s: float = 90.0, seed: int = 0, co
     sweeps = [Sweep(c, cfgs, jax.random.PRNGKey(seed * 1000 + i), repeats, copy_bw, log)
               for i, (c, cfgs) in enumerate(cases or default_cases())]
     results = mv.run_sweeps(sweeps, start + 0.8 * budget_s)
-    ffn = [ffn_sweep(n, act, cfg, jax.random.PRNGKey(seed * 1000 + 500 + n), repeats, start + budget_s, log)
+    ffn = [ffn_sweep(n, act, cfg, jax.random.PRNGKey(seed * 1000 + 500 + n), repeats, start + budget_s - 15, log)
            for n, act, cfg in ((1, "q8_1", _cfg(32, ksplit=2, warps=8)), (64, "q8_1", _cfg(64, tokens=16)),
                                (256, "q8_1", _cfg(64, tokens=16)))] if cases is None else []
     return {"device": dev.device_kind, "platform": dev.platform, "jax_version": jax.__version__,
