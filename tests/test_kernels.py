@@ -2,6 +2,7 @@
 activation mode and code path (one token, few tokens, dot tiles; column splits, unrolling, stacked
 experts), derivatives, the grouped MoE layer against its dense per-pair reference, and bad input."""
 import functools
+import re
 
 import chex
 import jax
@@ -100,6 +101,23 @@ def test_derivatives_are_the_references():
     vjp = jax.jit(lambda f, x, g: jax.vjp(f, x)[1](g)[0], static_argnums=0)
     chex.assert_trees_all_close(jvp(fast, x, t), jvp(ref, x, t), rtol=1e-6, atol=1e-6)
     chex.assert_trees_all_close(vjp(fast, x, g), vjp(ref, x, g), rtol=1e-6, atol=1e-6)
+
+
+def test_vmap_folds_into_tokens_and_stacks():
+    """Nested vmaps (over x, and over weights and x) equal the reference and keep the kernel's grid
+    at three axes (Triton's limit): the batch becomes tokens or stacked matrices, not a grid axis."""
+    rng = _rng("vmap")
+    w = _weights(rng, "q4_k", (16, 256))
+    ws = _weights(rng, "q4_k", (2, 16, 256))
+    x = jnp.asarray(rng.standard_normal((2, 3, 256)), jnp.float32)
+    fast = functools.partial(kernels.qmatvec_fast, act="f32", interpret=True)
+    over_x = jax.vmap(jax.vmap(lambda v: fast(w, v)))
+    over_wx = jax.vmap(lambda d, v: jax.vmap(lambda u: fast(QTensor(d, "q4_k", w.shape), u))(v))
+    for f, args, ref in ((over_x, (x,), _ref(w, x, act="f32")),
+                         (over_wx, (ws.data, x), _ref(ws, x.transpose(1, 0, 2), act="f32").transpose(1, 0, 2))):
+        grids = re.findall(r"grid=\(([^)]*)\)", str(jax.make_jaxpr(f)(*args)))
+        assert grids and all(len(g.split(",")) <= 3 for g in grids), grids
+        chex.assert_trees_all_close(jax.jit(f)(*args), ref, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("act,tokens", [("f32", 1), ("q8_1", 16)])

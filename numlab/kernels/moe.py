@@ -5,7 +5,10 @@ holding pairs of one expert only (ragged groups padded per expert), so one kerne
 projection multiplies every tile by its expert's quantized weights and a prompt costs what the
 distinct experts it touches cost. Results are numlab.ops.qmatvec per pair (to float rounding).
 """
+import functools
+
 import jax
+import jax.custom_batching
 import jax.numpy as jnp
 
 from numlab.formats import QTensor
@@ -65,12 +68,43 @@ def moe_ffn(x, idx, weights, gate: QTensor, up: QTensor, down: QTensor, act: str
     """sum_j weights[t, j] · down_e(glu(gate_e · x_t, up_e · x_t)), e = idx[t, j], for x [T, d], idx
     int [T, k], weights [T, k] and expert stacks gate, up [E, d_ff, d], down [E, d, d_ff] -> float32
     [T, d]. Every product in mode act (float32 accumulation), glu and the weighted sum over k in
-    float32 (the sum as numlab.ops.moe_sum: einsum at HIGHEST)."""
+    float32 (the sum as numlab.ops.moe_sum: einsum at HIGHEST). Under vmap the batch becomes more
+    tokens (one launch per projection, as for one prompt)."""
     for name, w in (("gate", gate), ("up", up), ("down", down)):
         if not isinstance(w, QTensor) or w.data.ndim != 3 or not qm.supported(w.fmt, act, "f32", w.shape[1]):
+            got = f"{w.fmt} data {w.data.shape}" if isinstance(w, QTensor) else type(w).__name__
             raise ValueError(f"moe_ffn: {name} must be a QTensor expert stack [E, rows, row_bytes] in a "
-                             f"format and shape a kernel takes with act={act!r}; got "
-                             f"{getattr(w, 'fmt', type(w).__name__)} {getattr(w, 'data', None).shape if isinstance(w, QTensor) else ''}")
+                             f"format and shape a kernel takes with act={act!r}; got {got}")
+    return _vmappable(act, glu, config, interpret)(x, idx, weights, gate, up, down)
+
+
+@functools.lru_cache(maxsize=None)
+def _vmappable(act, glu, config, interpret):
+    """The layer with a vmap rule: batched tokens are flattened into one longer prompt (weights
+    batched too: one layer per batch element, in sequence), instead of the grid axis Pallas would add."""
+
+    @jax.custom_batching.custom_vmap
+    def layer(x, idx, weights, gate, up, down):
+        return _layer(x, idx, weights, gate, up, down, act, glu, config, interpret)
+
+    @layer.def_vmap
+    def rule(axis_size, in_batched, x, idx, weights, gate, up, down):
+        xb, ib, wb = in_batched[:3]
+        if any(w.data for w in in_batched[3:]):
+            unbatch = lambda a, b: a if b else jnp.broadcast_to(a, (axis_size,) + a.shape)
+            args = [unbatch(a, b) for a, b in zip((x, idx, weights), (xb, ib, wb))]
+            stacks = [QTensor(unbatch(w.data, b.data), w.fmt, w.shape) for w, b in zip((gate, up, down), in_batched[3:])]
+            return jax.lax.map(lambda a: layer(*a), (*args, *stacks)), True
+        t = idx.shape[-2]
+        flat = lambda a, b, tail: (a if b else jnp.broadcast_to(a, (axis_size,) + a.shape)).reshape((-1,) + tail)
+        y = layer(flat(x, xb, x.shape[-1:]), flat(idx, ib, idx.shape[-1:]), flat(weights, wb, weights.shape[-1:]),
+                  gate, up, down)
+        return y.reshape(axis_size, t, -1), True
+
+    return layer
+
+
+def _layer(x, idx, weights, gate, up, down, act, glu, config, interpret):
     t, k = idx.shape
     n_experts = gate.data.shape[0]
     cfg = qm.fit(config or tuning.config_for(gate.fmt, act, max(1, t * k // n_experts), *gate.shape),

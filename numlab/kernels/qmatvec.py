@@ -11,6 +11,7 @@ import functools
 import math
 
 import jax
+import jax.custom_batching
 import jax.numpy as jnp
 import numpy as np
 
@@ -50,7 +51,36 @@ def qmatvec_fast(w: QTensor, x, act: str = "f32", acc: str = "f32", *, config: q
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1, 2))
 def _fast(act, config, interpret, w, x):
-    return _apply(act, config, interpret, w, x)
+    return _vmappable(act, config, interpret)(w, x)
+
+
+@functools.lru_cache(maxsize=None)
+def _vmappable(act, config, interpret):
+    """_apply with a vmap rule: a vmapped axis becomes a leading batch axis of x and of the weight
+    stack, which the kernel takes as more tokens or more matrices, instead of the grid axis Pallas
+    would add (Triton grids have at most three axes, and nested vmaps would add more)."""
+
+    @jax.custom_batching.custom_vmap
+    def apply(w, x):
+        return _apply(act, config, interpret, w, x)
+
+    @apply.def_vmap
+    def rule(axis_size, in_batched, w, x):
+        w_batched, x_batched = in_batched[0].data, in_batched[1]
+        batch_w = w.data.shape[int(w_batched):-2]
+        batch_x = x.shape[int(x_batched):-1]
+        rank = max(len(batch_w), len(batch_x))
+
+        def lead(a, batched, inner, tail):
+            """a as [B or 1, 1 ..., *inner, *tail] with len(inner) padded to rank."""
+            return a.reshape((a.shape[0] if batched else 1,) + (1,) * (rank - len(inner)) + inner + tail)
+
+        if not w_batched and not batch_w:        # one matrix: the batch is more tokens
+            return apply(w, x), True
+        data = lead(w.data, w_batched, batch_w, w.data.shape[-2:])
+        return apply(QTensor(data, w.fmt, w.shape), lead(x, x_batched, batch_x, x.shape[-1:])), True
+
+    return apply
 
 
 @_fast.defjvp
