@@ -142,6 +142,13 @@ def test_moe_ffn_equals_dense_reference(act, tokens):
     ref = dense(x, idx, wts, gate, up, down)
     chex.assert_shape(y, (t, d))
     chex.assert_trees_all_close(y, ref, atol=1e-5 * float(jnp.max(jnp.abs(ref))), rtol=0)
+    if tokens == 1:       # vmap over prompts: the same layer with the prompts' tokens side by side
+        layer = functools.partial(moe.moe_ffn, gate=gate, up=up, down=down, act=act,
+                                  config=qm.Config(rows=64, tokens=tokens), interpret=True)
+        two = jax.jit(jax.vmap(layer))(jnp.stack([x, -x]), jnp.stack([idx, idx[::-1]]), jnp.stack([wts, wts]))
+        chex.assert_trees_all_close(two[0], y, atol=1e-5 * float(jnp.max(jnp.abs(ref))), rtol=0)
+        chex.assert_trees_all_close(two[1], jax.jit(layer)(-x, idx[::-1], wts), rtol=0,
+                                    atol=1e-5 * float(jnp.max(jnp.abs(ref))))
 
 
 @settings(max_examples=6)
