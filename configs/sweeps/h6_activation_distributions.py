@@ -1,5 +1,5 @@
 """H6: does the activation distribution amplify the Q6_K matvec's CPU/GPU difference?"""
-from numlab.analysis.sweeps import base_config
+from numlab.analysis.sweeps import base_config, compare_orders_with_q8_k
 
 
 def get_config(size: str = "tiny"):
@@ -11,9 +11,4 @@ def get_config(size: str = "tiny"):
     cfg.weight, cfg.matrix, cfg.formats = "random", "ffn_down", ["q6_k"]
     cfg.families = ["uniform", "lognormal", "outlier5", "outlier100"]
     cfg.scales, cfg.n_seeds, cfg.outlier_frac = [1.0], 8, 0.01
-    cfg.paths = ["f32", "f32.order=pairwise", "f32.order=sequential", "q8_k", "q8_1"]
-    cfg.ref = "f64"
-    cfg.candidate = ["f32.order=sequential", "f32.order=pairwise"]
-    cfg.baseline = ["q8_k", "f32"]
-    cfg.metric = "rel_l2"
-    return cfg
+    return compare_orders_with_q8_k(cfg)

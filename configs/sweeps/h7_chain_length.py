@@ -1,5 +1,5 @@
 """H7: does the difference compound along a chain of N Q6_K matvecs (L2-normalised between)?"""
-from numlab.analysis.sweeps import base_config
+from numlab.analysis.sweeps import base_config, compare_orders_with_q8_k
 
 
 def get_config(size: str = "tiny"):
@@ -10,9 +10,4 @@ def get_config(size: str = "tiny"):
                       their_verdict="falsified")
     cfg.formats, cfg.rows, cfg.n_max = ["q6_k"], 0, 48  # rows 0: d_model of the size
     cfg.family, cfg.n_seeds, cfg.outlier_frac = "normal", 2 if size == "tiny" else 8, 0.01
-    cfg.paths = ["f32", "f32.order=pairwise", "f32.order=sequential", "q8_k", "q8_1"]
-    cfg.ref = "f64"
-    cfg.candidate = ["f32.order=sequential", "f32.order=pairwise"]
-    cfg.baseline = ["q8_k", "f32"]
-    cfg.metric = "rel_l2"
-    return cfg
+    return compare_orders_with_q8_k(cfg)

@@ -1,5 +1,5 @@
 """H8: one matvec on the model's own Q6_K bytes (an ffn_down expert), reduction order vs activation mode."""
-from numlab.analysis.sweeps import base_config
+from numlab.analysis.sweeps import base_config, compare_orders_with_q8_k
 
 
 def get_config(size: str = "tiny"):
@@ -10,9 +10,4 @@ def get_config(size: str = "tiny"):
     cfg.list_formats = "blk.*.ffn_down_exps"
     cfg.rows, cfg.cols = 0, 0  # the whole matrix
     cfg.families, cfg.scales, cfg.n_seeds, cfg.outlier_frac = ["normal"], [1.0], 8, 0.01
-    cfg.paths = ["f32", "f32.order=pairwise", "f32.order=sequential", "q8_k", "q8_1"]
-    cfg.ref = "f64"
-    cfg.candidate = ["f32.order=sequential", "f32.order=pairwise"]
-    cfg.baseline = ["q8_k", "f32"]
-    cfg.metric = "rel_l2"
-    return cfg
+    return compare_orders_with_q8_k(cfg)

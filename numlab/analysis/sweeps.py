@@ -879,6 +879,16 @@ def mca_model(cfg, ctx: Context) -> dict:
 # ---------------------------------------------------------------------------------------------
 # Configs, running, writing.
 
+def compare_orders_with_q8_k(cfg):
+    """Set cfg to weigh the f32 summation orders (candidate) against Q8_K-vs-f32 (baseline) by rel L2."""
+    cfg.paths = ["f32", "f32.order=pairwise", "f32.order=sequential", "q8_k", "q8_1"]
+    cfg.ref = "f64"
+    cfg.candidate = ["f32.order=sequential", "f32.order=pairwise"]
+    cfg.baseline = ["q8_k", "f32"]
+    cfg.metric = "rel_l2"
+    return cfg
+
+
 def base_config(name: str, experiment: str, size: str = "tiny", *, hypothesis: str = "",
                 reported: str = "", their_verdict: str = "", chunk: int = 8):
     """The fields every sweep config has: name, experiment (a key of EXPERIMENTS), size (tiny for
