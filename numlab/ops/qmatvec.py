@@ -27,8 +27,8 @@ of x broadcast like numpy's matmul. Modes (`act`):
   fl(d_w·d_x)·dot in `acc`, summed over blocks.
 
 In the q8 modes x is rounded to float32 first (engines hold float32 activations). Integer dots are
-exact (int8 codes, int32 products and sums); float dots run at precision=HIGHEST. The derivative
-with respect to x in every mode is that of the dequantized linear map (straight-through for the
+exact (sub-block dots of the codes in float32, where they are exact integers; int32 beyond); float
+dots run at precision=HIGHEST. The derivative with respect to x in every mode is that of the dequantized linear map (straight-through for the
 rounding and the activation quantization).
 """
 import functools
@@ -100,10 +100,18 @@ def _qmatvec_jvp(act, acc, primals, tangents):
 
 
 def _sub_dots(wq, xq, size):
-    """Exact int32 dots of codes per sub-block: wq[..., rows, n], xq[..., n] -> [..., rows, n / size]."""
-    wq = wq.reshape(wq.shape[:-1] + (-1, size)).astype(jnp.int8)
-    xq = xq.reshape(xq.shape[:-1] + (-1, size)).astype(jnp.int8)
-    return jnp.einsum("...rsk,...sk->...rs", wq, xq, precision=_HI, preferred_element_type=jnp.int32)
+    """Exact int32 dots of codes per sub-block: wq[..., rows, n], xq[..., n] -> [..., rows, n / size].
+
+    Computed as a float32 dot at HIGHEST precision: the codes fit in 8 bits, so every product
+    (|p| <= 2**14) and every partial sum of at most 32 of them (< 2**24) is an integer float32
+    holds exactly, in any order and with or without FMA. An int8 x int8 -> int32 dot_general has
+    no default GPU config (it fails under --xla_gpu_deterministic_ops) and its autotuning took
+    minutes per model compile on an H100.
+    """
+    wq = wq.reshape(wq.shape[:-1] + (-1, size)).astype(jnp.float32)
+    xq = xq.reshape(xq.shape[:-1] + (-1, size)).astype(jnp.float32)
+    dots = jnp.einsum("...rsk,...sk->...rs", wq, xq, precision=_HI, preferred_element_type=jnp.float32)
+    return dots.astype(jnp.int32)
 
 
 def _per_block(a, n):
