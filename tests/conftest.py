@@ -4,6 +4,7 @@ import sys
 
 # Without this XLA may drop f32 -> bf16/f16 -> f32 rounding pairs inside fusions ("excess precision"),
 # silently undoing the ops' low-precision emulation in larger (e.g. vmapped) graphs.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # test processes share a GPU (determinism child)
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_allow_excess_precision=false").strip()
 
 import jax  # noqa: E402

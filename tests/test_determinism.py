@@ -67,8 +67,10 @@ def child(model_file):
     """A second process computing the same numbers, started first so that it runs alongside this one."""
     out = model_file + ".child.npz"
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    # On a GPU both processes share the device: neither may preallocate most of its memory.
+    env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false")
     proc = subprocess.Popen([sys.executable, "-c", CHILD, os.path.dirname(os.path.abspath(__file__)), model_file,
-                             out], cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             out], cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     yield proc, out
     if proc.poll() is None:
         proc.kill()

@@ -275,6 +275,10 @@ def _forward(model, tokens, mix, force_experts, noise, *, policy, ref, capture):
     cast = lambda out: jax.tree.map(lambda a, dt: a.astype(dt), out, joined)  # noqa: E731
     branches = [lambda *a, b=b: cast(b(*a)) for b in branches]
 
+    # Rematerialised under reverse-mode differentiation: a gradient keeps only each layer's input and
+    # recomputes the layer, instead of saving every layer's dequantized weights (the 30B shape's
+    # experts are 120 GB in float32).
+    @functools.partial(jax.checkpoint, prevent_cse=False)
     def body(x, xs):
         v, layer, p, m, forced = xs
         x, outs = lax.switch(v, branches, x, layer, p, m, forced)
