@@ -102,9 +102,9 @@ def _qmatvec_jvp(act, acc, primals, tangents):
 def _sub_dots(wq, xq, size):
     """Exact int32 dots of codes per sub-block: wq[..., rows, n], xq[..., n] -> [..., rows, n / size].
 
-    Computed as a float32 dot at HIGHEST precision: the codes fit in 8 bits, so every product
-    (|p| <= 2**14) and every partial sum of at most 32 of them (< 2**24) is an integer float32
-    holds exactly, in any order and with or without FMA. An int8 x int8 -> int32 dot_general has
+    Computed as a float32 dot at HIGHEST precision: callers keep |w code| * |x code| * size below
+    2**24, so every product and partial sum is an integer float32 holds exactly, in any order and
+    with or without FMA. An int8 x int8 -> int32 dot_general has
     no default GPU config (it fails under --xla_gpu_deterministic_ops) and its autotuning took
     minutes per model compile on an H100.
     """
@@ -133,6 +133,8 @@ def _quantized(act, w: QTensor, x, dt):
     wq, dw = _flat(wu.q), wu.d.astype(dt)                       # [..., rows, cols], [..., rows, nb]
     if w.fmt == "q8_0":
         return jnp.sum(dw * dx * _sub_dots(wq, xq, 32).astype(dt), axis=-1)
+    if act == "q8_k":
+        return _q8_k_dot(w.fmt, wu, wq, xq, xu.d.astype(dt), dt)
     sub = 16 if w.fmt == "q6_k" else 32
     scaled = _flat(wu.scales) * _sub_dots(wq, xq, sub)          # int32 [..., rows, cols / sub], exact
     if w.fmt == "q6_k":
@@ -140,12 +142,27 @@ def _quantized(act, w: QTensor, x, dt):
         mins = None
     else:                                                        # mins · (sum of x codes) per 32
         mins = _flat(wu.mins) * jnp.sum(_per_block(xq, 32), axis=-1)[..., None, :]
-    if act == "q8_k":                                            # integer sums per 256, then scale
-        y = dw * dx * jnp.sum(_per_block(scaled, 8), axis=-1).astype(dt)
-        if mins is not None:
-            y = y - wu.dmin.astype(dt) * dx * jnp.sum(_per_block(mins, 8), axis=-1).astype(dt)
-    else:                                                        # q8_1: d8 per 32 inside the block
-        y = dw * jnp.sum(_per_block(dx * scaled.astype(dt), 8), axis=-1)
-        if mins is not None:
-            y = y - wu.dmin.astype(dt) * jnp.sum(_per_block(dx * mins.astype(dt), 8), axis=-1)
+    y = dw * jnp.sum(_per_block(dx * scaled.astype(dt), 8), axis=-1)   # q8_1: d8 per 32 inside the block
+    if mins is not None:
+        y = y - wu.dmin.astype(dt) * jnp.sum(_per_block(dx * mins.astype(dt), 8), axis=-1)
+    return jnp.sum(y, axis=-1)
+
+
+def _q8_k_dot(fmt, wu, wq, xq, dx, dt):
+    """q8_k mode: per 256-block the integer sum over sub-blocks of scale · (codes · x codes), exact, then
+    fl(d_w·d_x)·isum − fl(dmin_w·d_x)·msum in dt, summed over blocks.
+
+    The sub-block scales are folded into the weight codes (|scale·code| <= 4096) and split as
+    64·hi + lo (|hi| <= 64, 0 <= lo < 64), so both 256-long dots with x's codes stay below 2**24 and
+    are exact in float32 (`_sub_dots`); isum = 64·hi_dot + lo_dot in int32. The dots' output is one
+    number per 256-block, not one per sub-block.
+    """
+    sub = 16 if fmt == "q6_k" else 32
+    ws = _flat(jnp.repeat(wu.scales, sub, axis=-1)) * wq           # int32 [..., rows, cols]
+    isum = (_sub_dots(ws >> 6, xq, 256) << 6) + _sub_dots(ws & 63, xq, 256)   # int32 [..., rows, nb]
+    dx = dx[..., None, :]
+    y = wu.d.astype(dt) * dx * isum.astype(dt)
+    if fmt != "q6_k":                                            # mins · (sum of x codes) per 32
+        mins = _flat(wu.mins) * jnp.sum(_per_block(xq, 32), axis=-1)[..., None, :]
+        y = y - wu.dmin.astype(dt) * dx * jnp.sum(_per_block(mins, 8), axis=-1).astype(dt)
     return jnp.sum(y, axis=-1)
