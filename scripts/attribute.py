@@ -12,10 +12,7 @@ import tempfile
 import time
 from pathlib import Path
 
-# Before JAX starts: XLA must not drop f32 -> bf16/f16 -> f32 rounding pairs ("excess precision"),
-# which would silently undo the low-precision ops being analysed.
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_allow_excess_precision=false").strip()
-
+import xla_env  # noqa: F401  (before JAX starts)
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags, logging  # noqa: E402

@@ -2,6 +2,7 @@
 
 Each subcommand is a function here running a module of numlab/bench and writing its JSON.
 """
+import xla_env  # noqa: F401  (before JAX starts)
 import jax
 from absl import app, flags, logging
 from tqdm import tqdm

@@ -9,6 +9,7 @@ fails is reported in the table and the others still run. --only runs a subset (t
 --model=<file.gguf> runs the model-level configs on a GGUF file (e.g. written once by
 scripts/make_model.py); --archive=<path.tar.gz> rewrites a tarball of <out> after every experiment.
 """
+import xla_env  # noqa: F401  (before JAX starts)
 import datetime
 import importlib.util
 import json

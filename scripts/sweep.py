@@ -4,6 +4,7 @@
 fields can be overridden with --config.<field>=<value>. Writes <out>/<name>.json and <name>.png;
 an interrupted run resumes from its finished chunks. All configs at once: scripts/cascade.py.
 """
+import xla_env  # noqa: F401  (before JAX starts)
 import jax
 from absl import app, flags, logging
 from ml_collections import config_flags

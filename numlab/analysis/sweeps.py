@@ -641,7 +641,7 @@ def _rule_layers(cfg, summary, model, tokens):
     gain = (d_base - d_var) / d_base if d_base > 0 else 0.0
     measured = "; ".join(f"{k}: {v['layers_cos_ge_threshold']} of {n} layers cos ≥ {thr}, worst layer "
                          f"{v['worst_layer']} at {v['worst_cos']:.6f}" for k, v in figs.items())
-    measured += f"; mean 1−cos reduced by {100 * gain:.2f}%"
+    measured += f"; mean 1−cos reduced by {100 * gain:.3g}%"
     return {**figs, "reduction_share": gain}, measured, share_verdict(max(gain, 0.0), 1.0)
 
 
