@@ -3,13 +3,16 @@
 A site is a named op of the forward pass (`blk.7.ffn_down_exps`, `output_norm`, ...) of some kind;
 each kind has fields (KINDS) with defaults (DEFAULTS). A rule's glob (fnmatch, case-sensitive; `*`
 also matches dots) selects sites; it sets `field` on the selected sites whose kind has that field.
-Later rules win. Text form: rules joined by `;` (newlines also separate rules).
+`@<format>` in place of the glob selects the matvec sites whose weights are in that format
+(`@q8_0.act=q8_0`); it needs the model's weight formats and leaves a model without such weights
+unchanged. Later rules win. Text form: rules joined by `;` (newlines also separate rules).
 """
 import dataclasses
 import fnmatch
 import json
 import re
 
+from numlab.formats import FORMATS
 from numlab.ops import acts_for
 from numlab.ops.precision import ACCS, ACTS, DTYPES, EXPS, ORDERS
 
@@ -44,6 +47,18 @@ class Rule:
         if self.value not in VALUES[self.field]:
             raise ValueError(f"unknown value {self.value!r} for field {self.field!r} in rule {self}; "
                              f"valid: {', '.join(VALUES[self.field])}")
+        if self.weight_format is not None:
+            if self.weight_format not in FORMATS:
+                raise ValueError(f"unknown weight format {self.weight_format!r} in rule {self}; valid after '@': "
+                                 f"{', '.join(FORMATS)}")
+            if self.field not in KINDS["matvec"]:
+                raise ValueError(f"rule {self}: an @format rule sets matvec fields ({', '.join(KINDS['matvec'])}), "
+                                 f"not {self.field!r}")
+
+    @property
+    def weight_format(self):
+        """The format of an `@<format>` rule, else None."""
+        return self.pattern[1:] if self.pattern.startswith("@") else None
 
     def __str__(self):
         return f"{self.pattern}.{self.field}={self.value}"
@@ -66,13 +81,19 @@ class Policy:
 
     def resolve(self, sites: dict, formats: dict | None = None) -> dict:
         """{site: {field: value}} for every site of `sites` ({name: kind}). `formats` ({matvec site: weight
-        format}) checks each `act` against what qmatvec supports for that format. ValueError on a glob
-        matching no site, a rule whose field no matched site has, or an act invalid for a format."""
+        format}) checks each `act` against what qmatvec supports for that format and lets `@<format>` rules
+        apply. ValueError on a glob matching no site, a rule whose field no matched site has, or an act
+        invalid for a format."""
         for name, kind in sites.items():
             if kind not in KINDS:
                 raise ValueError(f"site {name!r} has unknown kind {kind!r}; valid kinds: {', '.join(KINDS)}")
         out = {name: {f: DEFAULTS[f] for f in KINDS[kind]} for name, kind in sites.items()}
         for rule in self.rules:
+            if rule.weight_format is not None:
+                for n, fmt in (formats or {}).items():
+                    if fmt == rule.weight_format:
+                        out[n][rule.field] = rule.value
+                continue
             matched = [n for n in sites if fnmatch.fnmatchcase(n, rule.pattern)]
             if not matched:
                 raise ValueError(f"rule {rule}: glob {rule.pattern!r} matches no site; valid sites: "
@@ -138,8 +159,12 @@ PRESETS = {
     "ref-f64": parse("*.act=f64; *.acc=f64; *.dtype=f64"),
     "f32": parse("*.act=f32; *.acc=f32; *.dtype=f32"),
     "bf16": parse("*.act=bf16; *.dtype=bf16"),
-    "ggml-cpu": parse("*.act=q8_k; *.ffn_gate_inp.act=f32"),
-    "ggml-cuda": parse("*.act=q8_1; *.ffn_gate_inp.act=f32"),
+    # ggml's CPU quantizes activations to its type's vec_dot_type: Q8_K for k-quants, Q8_0 for Q8_0, the
+    # weight's own type for f16/bf16/f32. llama.cpp's CUDA MMVQ uses Q8_1 for every quantized type and
+    # keeps float32 activations for float weights.
+    "ggml-cpu": parse("*.act=q8_k; @q8_0.act=q8_0; @f16.act=f16; @bf16.act=bf16; @f32.act=f32; "
+                      "*.ffn_gate_inp.act=f32"),
+    "ggml-cuda": parse("*.act=q8_1; @f16.act=f32; @bf16.act=f32; @f32.act=f32; *.ffn_gate_inp.act=f32"),
 }
 
 

@@ -212,3 +212,21 @@ def test_synthetic_statistics_growth_outliers_and_small_margins(plain):
     assert np.max(channel_rms) > 5 * np.median(channel_rms)     # a few outlier channels
     margins = np.asarray(tr.margin)
     assert np.median(margins) < 0.5 and np.mean(margins < 0.05) > 0.05, np.percentile(margins, [5, 50])
+
+
+def test_engine_presets_run_on_q8_0_and_f16_matrices(tiny):
+    # A file mixing Q8_0 and F16 matrices into Q4_K_M: ggml-cpu gives those Q8_0 / F16 activations,
+    # exactly as the same policy spelled out site by site.
+    from numlab.formats import QTensor
+    tensors = dict(tiny.tensors)
+    for name, fmt in (("blk.0.attn_q", "q8_0"), ("blk.1.attn_output", "f16")):
+        tensors[name] = QTensor.from_float(tiny.tensors[name].dequantize(), fmt)
+    model = Model(tensors=tensors, config=tiny.config)
+    spelled = "*.act=q8_k; blk.0.attn_q.act=q8_0; blk.1.attn_output.act=f16; *.ffn_gate_inp.act=f32"
+    for other in (spelled, spelled.replace("blk.0.attn_q.act=q8_0", "blk.0.attn_q.act=f32")):
+        assert forward(model, TOKENS, other).logits.shape == (len(TOKENS), tiny.config.vocab)
+    a, b, c = (forward(model, TOKENS, p, capture=("attn_q", "attn_output")) for p in
+               ("ggml-cpu", spelled, spelled.replace("blk.0.attn_q.act=q8_0", "blk.0.attn_q.act=f32")))
+    chex.assert_trees_all_equal(a.logits, b.logits)
+    chex.assert_trees_all_equal(a.sites, b.sites)
+    assert not np.array_equal(a.sites["attn_q"][0], c.sites["attn_q"][0])     # q8_0 vs f32 activations

@@ -100,6 +100,36 @@ def test_presets_resolve_on_a_q4_k_m_model():
     assert res["bf16"]["blk.0.moe_sum"]["dtype"] == "bf16"
 
 
+def test_format_rules_select_matvecs_by_weight_format():
+    r = P.parse("*.acc=f32; @q6_k.acc=f64").resolve(SITES, FORMATS)
+    q6 = {n for n, f in FORMATS.items() if f == "q6_k"}
+    assert q6 and q6 != set(FORMATS)
+    assert {n for n in FORMATS if r[n]["acc"] == "f64"} == q6
+    assert P.parse("@q8_0.act=q8_0").resolve(SITES, FORMATS) == P.Policy().resolve(SITES, FORMATS)  # no q8_0 here
+    assert P.parse("@q6_k.acc=f64").resolve(SITES) == P.Policy().resolve(SITES)  # formats unknown: no site
+    with pytest.raises(ValueError, match="unknown weight format 'q9_k' in rule @q9_k.act=f32; valid after '@': "
+                                         "q4_k, q5_k, q6_k, q8_k, q8_0, q8_1, f32, f16, bf16$"):
+        P.parse("@q9_k.act=f32")
+    with pytest.raises(ValueError, match=r"an @format rule sets matvec fields \(act, acc\), not 'dtype'"):
+        P.parse("@q6_k.dtype=f64")
+
+
+def test_engine_presets_follow_the_weight_format():
+    # ggml's CPU: vec_dot_type Q8_K for k-quants, Q8_0 for Q8_0, the weight's own type for float weights;
+    # llama.cpp's CUDA: Q8_1 for every quantized type, float32 activations for float weights.
+    fmts = dict(FORMATS, **{"blk.0.attn_q": "q8_0", "blk.1.attn_k": "f16", "blk.2.attn_v": "bf16",
+                            "blk.3.ffn_down_exps": "q5_k"})
+    want = {"ggml-cpu": {"q4_k": "q8_k", "q5_k": "q8_k", "q6_k": "q8_k", "q8_0": "q8_0", "f16": "f16",
+                         "bf16": "bf16", "f32": "f32"},
+            "ggml-cuda": {"q4_k": "q8_1", "q5_k": "q8_1", "q6_k": "q8_1", "q8_0": "q8_1", "f16": "f32",
+                          "bf16": "f32", "f32": "f32"}}
+    for preset, acts in want.items():
+        res = P.PRESETS[preset].resolve(SITES, fmts)
+        for name, fmt in fmts.items():
+            expect = "f32" if name.endswith("ffn_gate_inp") else acts[fmt]
+            assert res[name]["act"] == expect, (preset, name, fmt)
+
+
 def test_get_accepts_policies_presets_rule_text_and_combinations():
     assert P.get("ggml-cpu") == P.PRESETS["ggml-cpu"]
     p = P.get("ggml-cpu; blk.3.router_softmax.dtype=f64")

@@ -230,11 +230,12 @@ def _linear_split(out, d, model, tokens, r0):
     return out, d, lin
 
 
-def describe_groups(groups: Groups, kinds: dict, low, ref) -> dict:
+def describe_groups(groups: Groups, kinds: dict, low, ref, formats: dict | None = None) -> dict:
     """{group: what differs between the policies at its sites}, e.g. "matvec act f32→q8_k"; sites
     differing in several ways are joined with " + ", groups mixing several differences with " | ";
-    "same precision" where nothing differs."""
-    lo, hi = policy_lib.get(low).resolve(kinds), policy_lib.get(ref).resolve(kinds)
+    "same precision" where nothing differs. `formats` ({matvec site: weight format}) lets the
+    policies' `@<format>` rules apply."""
+    lo, hi = policy_lib.get(low).resolve(kinds, formats), policy_lib.get(ref).resolve(kinds, formats)
     out = {}
     for g, name in enumerate(groups.names):
         diffs = []
@@ -263,6 +264,7 @@ def analyze(model, tokens, low, ref, *, by: str = "kind", ig_points: int = 8, ru
         raise ValueError(f"tokens must be [prompts, T] with T >= 2, got shape {tokens.shape}")
     cfg = model.config
     kinds = site_kinds(cfg)
+    formats = {n: f for n, f in model.formats().items() if kinds.get(n) == "matvec"}
     groups = group_sites(tuple(kinds), by)
     G = jnp.asarray(groups.matrix)
     n_g, n_s = G.shape
@@ -296,7 +298,7 @@ def analyze(model, tokens, low, ref, *, by: str = "kind", ig_points: int = 8, ru
                   n_prompts=int(tok.shape[0]), n_tokens=int(tok.shape[1]), n_layers=cfg.n_layers,
                   n_experts=cfg.n_experts, k=cfg.n_experts_used, n_sites=n_s,
                   config=dataclasses.asdict(cfg)),
-        groups=groups, causes=describe_groups(groups, kinds, low, ref), tokens=tok,
+        groups=groups, causes=describe_groups(groups, kinds, low, ref, formats), tokens=tok,
         ref=r0, low=r1,
         ref_summary=jax.tree.map(lambda a: a[0], summ), low_summary=jax.tree.map(lambda a: a[1], summ),
         ablation=jax.tree.map(lambda a: a[2:2 + n_g], summ),

@@ -508,25 +508,6 @@ def model_tensor(size: str, seed: int, pattern: str, expert: int = 0, fmt: str =
     return names[0], (QTensor(w.data[expert], w.fmt, w.shape) if w.data.ndim == 3 else w)
 
 
-def expand_policy(text: str, model) -> str:
-    """Policy text with "@<fmt>.<field>=<value>" entries expanded to one rule per matvec site whose
-    weights are in <fmt> (e.g. "@q6_k.acc=f64"); other entries (rules, presets) pass unchanged."""
-    from numlab.models.sites import site_kinds
-    fmts = model.formats()
-    out = []
-    for part in (p.strip() for p in text.split(";")):
-        if part.startswith("@"):
-            fmt, _, rule = part[1:].partition(".")
-            sites = [n for n, k in site_kinds(model.config).items() if k == "matvec" and fmts.get(n) == fmt]
-            if not sites:
-                raise ValueError(f"policy entry {part!r}: no matvec site has {fmt!r} weights; formats present: "
-                                 f"{', '.join(sorted(set(fmts.values())))}")
-            out += [f"{n}.{rule}" for n in sites]
-        elif part:
-            out.append(part)
-    return "; ".join(out)
-
-
 def prompt_tokens(seed: int, n_prompts: int, n_tokens: int, vocab: int):
     """int32 [n_prompts, n_tokens] uniform random token ids (synthetic weights have no real text)."""
     return jax.random.randint(jax.random.key(seed), (n_prompts, n_tokens), 0, vocab, jnp.int32)
@@ -575,13 +556,13 @@ def _run_stats(tr) -> dict:
 
 
 def model_runs(cfg, ctx: Context) -> dict:
-    """cfg.runs ({name: policy text, "@fmt." entries expanded}) on cfg.n_prompts random prompts of
+    """cfg.runs ({name: policy text}) on cfg.n_prompts random prompts of
     cfg.n_tokens tokens, vmapped over prompts in chunks; cfg.forced pairs (a, b) add the run "a@b": a's
     policy with b's expert choices. Every (a, b) of cfg.pairs (and a@b against b) is compared per layer;
     the verdict follows cfg.rule (see _RULES)."""
     model = model_of(cfg)
     tokens = prompt_tokens(cfg.seed, cfg.n_prompts, cfg.n_tokens, model.config.vocab)
-    runs = {name: expand_policy(text, model) for name, text in cfg.runs.items()}
+    runs = dict(cfg.runs)
     forced = [tuple(p) for p in cfg.get("forced", ())]
     pairs = [tuple(p) for p in cfg.pairs] + [(f"{a}@{b}", b) for a, b in forced]
     capture = tuple(cfg.get("capture", ()))
