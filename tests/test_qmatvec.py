@@ -77,6 +77,47 @@ def test_q8_k_matches_ggml_vec_dot(fmt, seed, rows, nb, dist):
                         f"max|diff|/max|ggml| (cancellation-floored) = {err:.3g}")
 
 
+_EXTREME = {  # block bytes with the largest |scale · code| each format allows (d, dmin = fp16 1.0)
+    "q4_k": bytes([0x00, 0x3C, 0x00, 0x3C]) + b"\xff" * 140,           # scales, mins 63; codes 15
+    "q5_k": bytes([0x00, 0x3C, 0x00, 0x3C]) + b"\xff" * 172,           # scales, mins 63; codes 31
+    "q6_k": b"\x00" * 192 + b"\x80" * 16 + bytes([0x00, 0x3C]),        # scales -128; codes -32
+}
+
+
+@pytest.mark.parametrize("fmt", KQUANTS)
+def test_q8_k_integer_sums_are_exact_at_the_extremes(fmt):
+    # The q8_k dots fold sub-block scales into the codes; at the largest |scale·code| and x codes of
+    # ±127 the per-block integer sums reach 3e7, beyond float32's 2**24: they must still be exact.
+    import numlab.formats as formats
+    rng = np.random.default_rng(11)
+    spec = formats.spec(fmt)
+    random_blocks = rng.integers(0, 256, (3, 4, spec.type_size), dtype=np.uint8)
+    n_half = 1 if fmt == "q6_k" else 2                                               # fp16 d (and dmin)
+    head = slice(spec.type_size - 2, None) if fmt == "q6_k" else slice(0, 4)
+    random_blocks[..., head] = np.frombuffer(np.full(n_half, 0.01, np.float16).tobytes(), np.uint8)
+    extreme = np.tile(np.frombuffer(_EXTREME[fmt], np.uint8), (2, 4, 1))
+    raw = np.concatenate([extreme, random_blocks]).reshape(5, 4 * spec.type_size)
+    signs = np.concatenate([np.ones(256), -np.ones(256), rng.choice([-1.0, 1.0], 512)])  # 2 blocks of one sign
+    x = (signs * np.repeat([1.0, 3.0, 0.5, 7.0], 256)).astype(np.float32)
+    y = np.asarray(_qmv(QTensor.from_bytes(jnp.asarray(raw), fmt, (5, 1024)), jnp.asarray(x), "q8_k", "f64"))
+
+    wu = formats.unpack(jnp.asarray(raw), fmt)
+    xu = formats.unpack(formats.quantize(jnp.asarray(x), "q8_k"), "q8_k")
+    wq, xq = np.asarray(wu.q, np.int64), np.asarray(xu.q, np.int64)                  # [5, 4, 256], [4, 256]
+    assert np.all(np.abs(xq) == 127)
+    sub = 256 // wu.scales.shape[-1]
+    dots = (wq * xq).reshape(5, 4, -1, sub).sum(-1)                                   # [5, 4, n_sub]
+    isum = (np.asarray(wu.scales, np.int64) * dots).sum(-1)
+    assert np.abs(isum).max() > 2 ** 24
+    dx = np.asarray(xu.d, np.float64)
+    want = np.asarray(wu.d, np.float64) * dx * isum
+    if wu.mins is not None:
+        msum = (np.asarray(wu.mins, np.int64) * xq.reshape(4, -1, 32).sum(-1)).sum(-1)
+        want = want - np.asarray(wu.dmin, np.float64) * dx * msum
+    scale = np.abs(want).sum(-1)
+    np.testing.assert_array_less(np.abs(y - want.sum(-1)), 1e-14 * scale + 1e-300)
+
+
 @settings(max_examples=8)
 @given(seed=st.integers(0, 2**31 - 1), rows=st.integers(1, 9), nb=st.integers(1, 12),
        dist=st.sampled_from(["normal", "student2", "outliers"]))
