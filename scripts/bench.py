@@ -17,10 +17,15 @@ flags.DEFINE_integer("repeats", 5, "timed repeats per measurement (median report
 flags.DEFINE_integer("seed", 0, "seed of the synthetic input")
 flags.DEFINE_integer("rows", None, "codecs: rows of the input matrix (default 512 on CPU, 8192 on accelerators)")
 flags.DEFINE_integer("cols", 4096, "codecs: columns of the input matrix (a multiple of 256)")
-flags.DEFINE_string("size", "tiny", "model: synthetic model size (tiny, small, qwen3-30b-a3b)")
-flags.DEFINE_integer("tokens", 64, "model: prompt length")
+flags.DEFINE_string("size", "tiny", "model, attribute: synthetic model size (tiny, small, qwen3-30b-a3b)")
+flags.DEFINE_integer("tokens", 64, "model, attribute: prompt length")
 flags.DEFINE_list("policies", ["ggml-cpu", "f32"], "model: policies to run")
 flags.DEFINE_list("formats", list(formats.QUANT_FORMATS), "codecs: formats to measure")
+flags.DEFINE_string("low", "ggml-cpu", "attribute: policy under test")
+flags.DEFINE_string("ref", "f32", "attribute: reference policy")
+flags.DEFINE_integer("prompts", 4, "attribute: number of random prompts (of --tokens tokens)")
+flags.DEFINE_integer("ig_points", 8, "attribute: integrated-gradients nodes")
+flags.DEFINE_integer("batch_size", 0, "attribute: mix rows per compiled call (0: all at once)")
 
 
 def bench_codecs() -> dict:
@@ -38,6 +43,14 @@ def bench_model() -> dict:
     return model.run(FLAGS.size, FLAGS.tokens, FLAGS.policies, FLAGS.repeats, log=logging.info)
 
 
+def bench_attribute() -> dict:
+    if FLAGS.prompts < 1 or FLAGS.tokens < 2 or FLAGS.ig_points < 1 or FLAGS.batch_size < 0:
+        raise app.UsageError(f"need --prompts >= 1, --tokens >= 2, --ig_points >= 1, --batch_size >= 0; got "
+                             f"{FLAGS.prompts}, {FLAGS.tokens}, {FLAGS.ig_points}, {FLAGS.batch_size}")
+    return model.run_attribution(FLAGS.size, FLAGS.prompts, FLAGS.tokens, FLAGS.low, FLAGS.ref, FLAGS.ig_points,
+                                 FLAGS.batch_size or None, FLAGS.repeats, log=logging.info)
+
+
 def bench_matvec() -> dict:
     return matvec.run(repeats=FLAGS.repeats, log=logging.info)
 
@@ -46,7 +59,8 @@ def bench_moe() -> dict:
     return moe.run(repeats=FLAGS.repeats, log=logging.info)
 
 
-COMMANDS = {"codecs": bench_codecs, "model": bench_model, "matvec": bench_matvec, "moe": bench_moe}
+COMMANDS = {"codecs": bench_codecs, "model": bench_model, "attribute": bench_attribute, "matvec": bench_matvec,
+            "moe": bench_moe}
 
 
 def main(argv):

@@ -113,14 +113,16 @@ def path_derivatives(f, G, ts, args=(), reduce=None, progress=None) -> list:
     applied inside the compiled function (to keep large tangents on the device). numpy results;
     `progress` wraps the iterable of nodes (e.g. tqdm)."""
     G = jnp.asarray(G)
-    ones = jnp.ones(G.shape[1], G.dtype)
-
-    def at(t, G, args):
-        out, d = directional(lambda m: f(m, *args), t * ones, G)
-        return (out, d) if reduce is None else reduce(out, d, *args)
-    at = jax.jit(at)
     wrap = progress or (lambda it: it)
-    return [jax.tree.map(np.asarray, at(jnp.asarray(t, G.dtype), G, tuple(args))) for t in wrap(list(ts))]
+    return [jax.tree.map(np.asarray, _path_node(jnp.asarray(t, G.dtype), G, tuple(args), f=f, reduce=reduce))
+            for t in wrap(list(ts))]
+
+
+@functools.partial(jax.jit, static_argnames=("f", "reduce"))
+def _path_node(t, G, args, *, f, reduce):
+    """One node of path_derivatives (compiled once per f, reduce and shapes)."""
+    out, d = directional(lambda m: f(m, *args), t * jnp.ones(G.shape[1], G.dtype), G)
+    return (out, d) if reduce is None else reduce(out, d, *args)
 
 
 def weighted_sum(trees, weights):
@@ -207,6 +209,12 @@ def _row_summary(rows, r0):
                 last_agree=metrics.argmax_agree(r0["logits"][:, -1], rows["logits"][:, :, -1]))
 
 
+@functools.lru_cache(maxsize=16)
+def _targets_of(low, ref):
+    """_targets for the policy pair, one function object per pair (so its gradient compiles once)."""
+    return lambda m, model, tokens, r0: _targets(m, model, tokens, r0, low, ref)
+
+
 def _targets(m, model, tokens, r0, low, ref):
     """What is attributed, at mix m with the reference's expert choices r0["topk_idx"] forced: 1 - cos
     per layer [L] and mean KLD against the reference r0, the reference set's router margin
@@ -285,7 +293,7 @@ def analyze(model, tokens, low, ref, *, by: str = "kind", ig_points: int = 8, ru
 
     t, w = quadrature(ig_points, rule)
     nodes = path_derivatives(
-        lambda m, *a: _targets(m, *a, low, ref), G, list(t) + [1.0, 0.0], args=(model, tokens, r0),
+        _targets_of(low, ref), G, list(t) + [1.0, 0.0], args=(model, tokens, r0),
         reduce=_linear_split, progress=lambda it: wrap(it, desc=f"gradients: {ig_points} path nodes, m = 1, m = 0",
                                                        unit="node"))
     ig = weighted_sum([d for _, d, _ in nodes[:ig_points]], w)
