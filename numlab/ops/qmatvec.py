@@ -28,8 +28,8 @@ of x broadcast like numpy's matmul. Modes (`act`):
 
 In the q8 modes x is rounded to float32 first (engines hold float32 activations). Integer dots are
 exact (sub-block dots of the codes in float32, where they are exact integers; int32 beyond); float
-dots run at precision=HIGHEST. The derivative with respect to x in every mode is that of the dequantized linear map (straight-through for the
-rounding and the activation quantization).
+dots run at precision=HIGHEST. The derivative with respect to x in every mode is that of the
+dequantized linear map (straight-through for the rounding and the activation quantization).
 """
 import functools
 
@@ -104,9 +104,8 @@ def _sub_dots(wq, xq, size):
 
     Computed as a float32 dot at HIGHEST precision: callers keep |w code| * |x code| * size below
     2**24, so every product and partial sum is an integer float32 holds exactly, in any order and
-    with or without FMA. An int8 x int8 -> int32 dot_general has
-    no default GPU config (it fails under --xla_gpu_deterministic_ops) and its autotuning took
-    minutes per model compile on an H100.
+    with or without FMA. An int8 x int8 -> int32 dot_general has no default GPU config (it fails
+    under --xla_gpu_deterministic_ops) and its autotuning took minutes per model compile on an H100.
     """
     wq = wq.reshape(wq.shape[:-1] + (-1, size)).astype(jnp.float32)
     xq = xq.reshape(xq.shape[:-1] + (-1, size)).astype(jnp.float32)
