@@ -25,6 +25,7 @@ from numlab.analysis.nonfinite import nonfinite_report  # noqa: E402
 from numlab.io import atomic_write_json, make_run_dir  # noqa: E402
 from numlab.models import config as config_lib  # noqa: E402
 from numlab.models.gguf_io import load_gguf  # noqa: E402
+from numlab.models.sites import site_kinds  # noqa: E402
 from numlab.models.synthetic import write as write_synthetic  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -63,6 +64,24 @@ def _settings():
         except ValueError as e:
             raise app.UsageError(f"--{name}: {e}") from e
     return c
+
+
+def analyze_fitting(model, tokens, c, progress):
+    """(attribution.analyze result, mix rows per compiled call used): c.batch_size rows (0: all); after
+    running out of device memory, again with half as many, down to 2, saying so each time."""
+    n_rows = 2 + 2 * len(attribution.group_sites(tuple(site_kinds(model.config)), c.groups).names)
+    size = c.batch_size or n_rows
+    while True:
+        try:
+            res = attribution.analyze(model, tokens, c.low, c.ref, by=c.groups, ig_points=c.ig_points, rule=c.rule,
+                                      batch_size=size, progress=progress)
+            return res, size
+        except jax.errors.JaxRuntimeError as e:
+            if "RESOURCE_EXHAUSTED" not in str(e) or size <= 2:
+                raise
+            logging.warning("out of device memory with %d mix rows per compiled call; retrying with %d "
+                            "(set --config.batch_size to start there)", size, max(2, size // 2))
+            size = max(2, size // 2)
 
 
 def _load(c):
@@ -108,8 +127,7 @@ def main(argv):
     logging.info("analysing %s against %s on %s (%s), %d prompts × %d tokens", c.low, c.ref, desc,
                  jax.default_backend(), c.n_prompts, c.n_tokens)
     t1 = time.perf_counter()
-    res = attribution.analyze(model, tokens, c.low, c.ref, by=c.groups, ig_points=c.ig_points, rule=c.rule,
-                              batch_size=c.batch_size or None, progress=bar)
+    res, c.batch_size = analyze_fitting(model, tokens, c, bar)
     timings["analyze_s"] = time.perf_counter() - t1
     res["compare"] = {}
     for p in [p.strip() for p in c.compare.split(",") if p.strip()]:

@@ -106,3 +106,37 @@ def test_find_nonfinite_names_the_planted_site(tmp_path):
     for label in ("low", "ref"):
         assert hits[label]["site"] == "blk.2.ffn_norm" and hits[label]["layer"] == 2, hits
     assert not (out / "report.json").exists()
+
+
+def test_out_of_device_memory_retries_with_fewer_mix_rows(monkeypatch):
+    import importlib.util
+    import jax
+    import ml_collections
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
+    spec = importlib.util.spec_from_file_location("attribute_script", SCRIPT)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    model = make_model("tiny")
+    n_rows = 2 + 2 * len(script.attribution.group_sites(tuple(script.site_kinds(model.config)), "kind").names)
+    tried = []
+
+    def fake_analyze(model, tokens, low, ref, *, batch_size, **kw):
+        tried.append(batch_size)
+        if batch_size > 5:
+            raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 41.14GiB")
+        return "result"
+
+    monkeypatch.setattr(script.attribution, "analyze", fake_analyze)
+    c = ml_collections.ConfigDict(dict(low="ggml-cpu", ref="f32", groups="kind", ig_points=8, rule="gauss",
+                                       batch_size=0))
+    want = [n_rows]                                        # all rows in one call, then halves down to 5
+    while want[-1] > 5:
+        want.append(want[-1] // 2)
+    assert script.analyze_fitting(model, None, c, None) == ("result", want[-1])
+    assert tried == want and len(want) >= 3
+    c.batch_size, tried[:] = 2, []
+    monkeypatch.setattr(script.attribution, "analyze", lambda *a, batch_size, **k: fake_analyze(
+        *a, batch_size=batch_size + 10, **k))              # out of memory even at 2 rows: nothing smaller
+    with pytest.raises(jax.errors.JaxRuntimeError, match="RESOURCE_EXHAUSTED"):
+        script.analyze_fitting(model, None, c, None)
+    assert tried == [12]
