@@ -881,6 +881,16 @@ def base_config(name: str, experiment: str, size: str = "tiny", *, hypothesis: s
                                           their_verdict=their_verdict))
 
 
+def model_runs_config(name: str, size: str = "tiny", **row):
+    """base_config of a "model_runs" experiment with its shared defaults: 4 prompts of 8 tokens (tiny) or
+    32 (full size), 4 points per vmapped call, and layer 0's attn_q captured (it sees identical inputs
+    under every policy: the per-matvec difference). `row`: hypothesis, reported, their_verdict."""
+    cfg = base_config(name, "model_runs", size, chunk=4, **row)
+    cfg.n_prompts, cfg.n_tokens = 4, 8 if size == "tiny" else 32
+    cfg.capture = ["attn_q"]
+    return cfg
+
+
 def run(cfg, ctx: Context | None = None) -> dict:
     """Run the experiment cfg.experiment; its result with the config's identity and wall time."""
     import time
