@@ -132,36 +132,31 @@ def _quantized(act, w: QTensor, x, dt):
     wq, dw = _flat(wu.q), wu.d.astype(dt)                       # [..., rows, cols], [..., rows, nb]
     if w.fmt == "q8_0":
         return jnp.sum(dw * dx * _sub_dots(wq, xq, 32).astype(dt), axis=-1)
-    if act == "q8_k":
-        return _q8_k_dot(w.fmt, wu, wq, xq, xu.d.astype(dt), dt)
-    sub = 16 if w.fmt == "q6_k" else 32
+    mins = None                                                  # mins · (sum of x codes) per 32
+    if w.fmt != "q6_k":
+        mins = _flat(wu.mins) * jnp.sum(_per_block(xq, 32), axis=-1)[..., None, :]
+    if act == "q8_k":                                            # integer sums per 256, then scale
+        y = dw * dx * _q8_k_isum(wu, wq, xq).astype(dt)
+        if mins is not None:
+            y = y - wu.dmin.astype(dt) * dx * jnp.sum(_per_block(mins, 8), axis=-1).astype(dt)
+        return jnp.sum(y, axis=-1)
+    sub = 256 // wu.scales.shape[-1]                            # 16 (q6_k) or 32 values per scale
     scaled = _flat(wu.scales) * _sub_dots(wq, xq, sub)          # int32 [..., rows, cols / sub], exact
     if w.fmt == "q6_k":
         scaled = jnp.sum(_per_block(scaled, 32 // sub), axis=-1)  # per 32: two 16-scales
-        mins = None
-    else:                                                        # mins · (sum of x codes) per 32
-        mins = _flat(wu.mins) * jnp.sum(_per_block(xq, 32), axis=-1)[..., None, :]
     y = dw * jnp.sum(_per_block(dx * scaled.astype(dt), 8), axis=-1)   # q8_1: d8 per 32 inside the block
     if mins is not None:
         y = y - wu.dmin.astype(dt) * jnp.sum(_per_block(dx * mins.astype(dt), 8), axis=-1)
     return jnp.sum(y, axis=-1)
 
 
-def _q8_k_dot(fmt, wu, wq, xq, dx, dt):
-    """q8_k mode: per 256-block the integer sum over sub-blocks of scale · (codes · x codes), exact, then
-    fl(d_w·d_x)·isum − fl(dmin_w·d_x)·msum in dt, summed over blocks.
+def _q8_k_isum(wu, wq, xq):
+    """Per 256-block the exact integer sum over sub-blocks of scale · (codes · x codes): int32 [..., rows, nb].
 
     The sub-block scales are folded into the weight codes (|scale·code| <= 4096) and split as
     64·hi + lo (|hi| <= 64, 0 <= lo < 64), so both 256-long dots with x's codes stay below 2**24 and
-    are exact in float32 (`_sub_dots`); isum = 64·hi_dot + lo_dot in int32. The dots' output is one
-    number per 256-block, not one per sub-block.
+    are exact in float32 (`_sub_dots`); isum = 64·hi_dot + lo_dot. One number per 256-block, not one
+    per sub-block: 8-16x less memory than the per-sub-block dots.
     """
-    sub = 16 if fmt == "q6_k" else 32
-    ws = _flat(jnp.repeat(wu.scales, sub, axis=-1)) * wq           # int32 [..., rows, cols]
-    isum = (_sub_dots(ws >> 6, xq, 256) << 6) + _sub_dots(ws & 63, xq, 256)   # int32 [..., rows, nb]
-    dx = dx[..., None, :]
-    y = wu.d.astype(dt) * dx * isum.astype(dt)
-    if fmt != "q6_k":                                            # mins · (sum of x codes) per 32
-        mins = _flat(wu.mins) * jnp.sum(_per_block(xq, 32), axis=-1)[..., None, :]
-        y = y - wu.dmin.astype(dt) * dx * jnp.sum(_per_block(mins, 8), axis=-1).astype(dt)
-    return jnp.sum(y, axis=-1)
+    ws = _flat(jnp.repeat(wu.scales, 256 // wu.scales.shape[-1], axis=-1)) * wq           # int32 [..., rows, cols]
+    return (_sub_dots(ws >> 6, xq, 256) << 6) + _sub_dots(ws & 63, xq, 256)
