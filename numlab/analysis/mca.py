@@ -16,13 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from numlab.analysis import metrics
-
-
-def perturb(y, key, bits):
-    """y·(1 + 2^-bits·u), u ~ U(-1, 1) per element, in y's dtype (bits may be traced)."""
-    y = jnp.asarray(y)
-    u = jax.random.uniform(key, y.shape, y.dtype, -1.0, 1.0)
-    return y * (1 + jnp.exp2(-jnp.asarray(bits, y.dtype)) * u)
+from numlab.ops.precision import perturb
 
 
 def significant_bits(mean, std, max_bits: float = 53.0):

@@ -105,7 +105,8 @@ def _swaps(res, order) -> dict:
     """Which groups moved the reference set's router margin at each flipped choice: integrated
     gradients of the margin along the forced path, per group."""
     r0, r1, names = res["ref"], res["low"], res["groups"].names
-    flipped = np.asarray(metrics.swaps(r0["topk_idx"], r1["topk_idx"])) > 0
+    sw = np.asarray(metrics.swaps(r0["topk_idx"], r1["topk_idx"]))
+    flipped = sw > 0
     ig = np.asarray(res["ig"]["margin"], np.float64)              # [G, P, L, T]
     m_ref = np.asarray(metrics.set_margin(r0["router_logits"], r0["topk_idx"]))
     m_low = np.asarray(metrics.set_margin(r1["router_logits"], r0["topk_idx"]))
@@ -120,7 +121,7 @@ def _swaps(res, order) -> dict:
     for j, (p, l, t) in enumerate(where):
         best = np.argsort(moves[:, j])[:3]
         items.append(dict(prompt=int(p), layer=int(l), token=int(t),
-                          swaps=int(metrics.swaps(r0["topk_idx"][p, l, t], r1["topk_idx"][p, l, t])),
+                          swaps=int(sw[p, l, t]),
                           margin_ref=_f(m_ref[p, l, t]), margin_forced=_f(m_forced[p, l, t]),
                           margin_low=_f(m_low[p, l, t]), attributed=_f(np.sum(moves[:, j])),
                           movers=[dict(group=names[g], move=_f(moves[g, j]), share=_f(sh[g, j])) for g in best]))

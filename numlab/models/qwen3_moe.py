@@ -29,6 +29,7 @@ from numlab.models import config as config_lib
 from numlab.models.sites import GLOBAL_KINDS, LAYER_KINDS, LAYER_SITES, site_kinds
 from numlab.ops import (attention, jdtype, moe_sum, qmatvec, rmsnorm, rope, router_margin, rsum, softmax,
                         swiglu, topk_route)
+from numlab.ops.precision import perturb
 
 
 
@@ -153,18 +154,12 @@ class _Sites:
             r = y if same else op(**self.ref[name])
             if self.noise is not None:
                 key, bits = self.noise
-                y = _perturb(y, jax.random.fold_in(key, self.first + self.index[name]), bits)
+                y = perturb(y, jax.random.fold_in(key, self.first + self.index[name]), bits)
             if self.noise is not None or not same:
                 y = r + self.mix[self.index[name]].astype(r.dtype) * lax.stop_gradient(y.astype(r.dtype) - r)
         if name in self.capture:
             self.record[name] = y
         return y
-
-
-def _perturb(y, key, bits):
-    """y·(1 + 2^-bits·u), u ~ U(-1, 1) per element, in y's dtype (Monte Carlo arithmetic at `bits`)."""
-    u = jax.random.uniform(key, y.shape, y.dtype, -1.0, 1.0)
-    return y * (1 + jnp.exp2(-jnp.asarray(bits, y.dtype)) * u)
 
 
 def _add(a, b, dtype):

@@ -24,3 +24,11 @@ def jdtype(name: str):
         raise ValueError("precision 'f64' needs float64: call jax.config.update('jax_enable_x64', True) "
                          "before making arrays (without it JAX would silently compute in float32)")
     return _JDTYPES[name]
+
+
+def perturb(y, key, bits):
+    """y·(1 + 2^-bits·u), u ~ U(-1, 1) per element, in y's dtype: Monte Carlo arithmetic's random
+    rounding at `bits` (bits may be traced)."""
+    y = jnp.asarray(y)
+    u = jax.random.uniform(key, y.shape, y.dtype, -1.0, 1.0)
+    return y * (1 + jnp.exp2(-jnp.asarray(bits, y.dtype)) * u)
