@@ -71,8 +71,8 @@ def run_attribution(size: str, n_prompts: int, n_tokens: int, low: str, ref: str
     model = _build(size, result, log)
     tokens = np.random.default_rng(0).integers(0, model.config.vocab, (n_prompts, n_tokens)).astype(np.int32)
     pol = policy_lib.get(low)
-    prefill = jax.jit(jax.vmap(lambda t: forward(model, t, pol).logits))
-    first, times, _ = _timed(lambda: jax.block_until_ready(prefill(tokens)), repeats)
+    prefill = jax.jit(jax.vmap(lambda m, t: forward(m, t, pol).logits, in_axes=(None, 0)))  # weights as arguments
+    first, times, _ = _timed(lambda: jax.block_until_ready(prefill(model, tokens)), repeats)
     result["forward"] = {"first_call_s": first, "median_s": float(np.median(times)), "times_s": times}
     log(f"forward of {n_prompts} x {n_tokens} tokens under {low}: first {first:.1f} s, then {np.median(times):.3f} s")
     analyze = lambda: attribution.analyze(model, tokens, low, ref, ig_points=ig_points,  # noqa: E731
