@@ -31,6 +31,23 @@ def f16_from_bytes(b: jax.Array) -> jax.Array:
     return lax.bitcast_convert_type(b, jnp.float16).astype(jnp.float32)
 
 
+def f16_value(h: jax.Array) -> jax.Array:
+    """float32 value of float16 `h`, decoded from its bits with integer ops.
+
+    `h.astype(float32)` right after an f32 -> f16 rounding is a convert pair that XLA, allowed excess
+    precision (its default), removes: the GPU compile then used the unrounded f32 scale (seen on an
+    H100 in the k-quants). No compiler folds this decode back into the f32 input.
+    """
+    bits = lax.bitcast_convert_type(h, jnp.uint16).astype(jnp.int32)
+    sign = (bits & 0x8000) << 16
+    e, m = (bits >> 10) & 0x1F, bits & 0x3FF
+    normal = ((e + 112) << 23) | (m << 13)                       # rebias 15 -> 127
+    special = 0x7F800000 | (m << 13)                             # inf, NaN
+    subnormal = lax.bitcast_convert_type(m.astype(jnp.float32) * jnp.float32(2.0 ** -24), jnp.int32)
+    mag = jnp.where(e == 0x1F, special, jnp.where(e == 0, subnormal, normal))
+    return lax.bitcast_convert_type(sign | mag, jnp.float32)
+
+
 def f32_bytes(x: jax.Array) -> jax.Array:
     """float32 [...] -> uint8 [..., 4] (little-endian bit pattern)."""
     return lax.bitcast_convert_type(x.astype(jnp.float32), jnp.uint8)
@@ -101,3 +118,49 @@ def div_rn(a, b) -> jax.Array:
     a, b = jnp.broadcast_arrays(jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32))
     return lax.platform_dependent(a, b, cpu=lambda x, y: x / lax.optimization_barrier(y),
                                   default=div_exact)
+
+
+def _limbs_gt(hi_a, lo_a, hi_b, lo_b):
+    """(hi_a * 2**24 + lo_a) > (hi_b * 2**24 + lo_b) for normalised limbs (0 <= lo < 2**24)."""
+    return (hi_a > hi_b) | ((hi_a == hi_b) & (lo_a > lo_b))
+
+
+def _square_plus(q, c):
+    """q*q + c as base-2**24 limbs (hi, lo), exact in int32 for 0 <= q <= 2**24 + 2 and |c| <= q."""
+    a, b = q >> 12, q & 0xFFF
+    ab2 = 2 * a * b
+    lo = ((ab2 & 0xFFF) << 12) + b * b + c
+    return a * a + (ab2 >> 12) + (lo >> 24), lo & 0xFFFFFF
+
+
+def sqrt_correct(x: jax.Array, approx: jax.Array) -> jax.Array:
+    """Correctly rounded float32 sqrt(x), from `approx` within 3 ulp of it, by exact integer checks.
+
+    For x = M * 2**(e-23) (M its 24-bit significand, subnormals normalised), N = M * 2**k (k = 23 or
+    24, making e-23-k even) lies in [2**46, 2**48) and sqrt(x) = sqrt(N) * 2**((e-23-k)/2): the
+    result's significand is the integer q nearest sqrt(N), i.e. q*q - q < N <= q*q + q (no ties).
+    """
+    bits = lax.bitcast_convert_type(x, jnp.int32)
+    m, e = _split(bits & 0x7FFFFFFF)
+    e = e - 127
+    odd = e & 1
+    n_hi, n_lo = jnp.where(odd == 1, m, m >> 1), jnp.where(odd == 1, 0, (m & 1) << 23)
+    p = (e - 46 - odd) >> 1                                       # sqrt(x) = q * 2**p
+    pow2 = lambda k: lax.bitcast_convert_type((k + 127) << 23, jnp.float32)
+    q = jnp.clip(approx * pow2(-p), 2.0 ** 23, 2.0 ** 24).astype(jnp.int32)  # sqrt(N) lies in there
+    for _ in range(3):
+        up = _limbs_gt(n_hi, n_lo, *_square_plus(q, q))
+        down = ~_limbs_gt(n_hi, n_lo, *_square_plus(q, -q))
+        q = q + up.astype(jnp.int32) - down.astype(jnp.int32)
+    ordinary = (bits > 0) & (bits < 0x7F800000)                   # positive, finite, not zero (on the bits)
+    return jnp.where(ordinary, q.astype(jnp.float32) * pow2(p), approx)
+
+
+def sqrt_rn(x) -> jax.Array:
+    """float32 sqrt(x) rounded to nearest even on every backend (C's sqrtf).
+
+    XLA:GPU's float32 sqrt is not correctly rounded (11% of the k-quants' sqrt(sum x**2 / 32) differed
+    from CPU by an ulp on an H100); there the approximate root is corrected by exact integer checks.
+    """
+    x = jnp.asarray(x, jnp.float32)
+    return lax.platform_dependent(x, cpu=jnp.sqrt, default=lambda v: sqrt_correct(v, jnp.sqrt(v)))

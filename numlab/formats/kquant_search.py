@@ -15,6 +15,11 @@ fused multiply-add. XLA does two things that change those bits, and this module 
 * XLA's algebraic simplifier rewrites `a / broadcast(b)` into `a * broadcast(1 / b)` (two
   roundings), and XLA:GPU's float32 division is PTX `div.full` (up to 2 ulp off). `div` is
   `div_rn`: a true IEEE division on CPU, an exact integer long division on other backends.
+* On an H100 two more differences showed under jit: XLA:GPU's
+  float32 sqrt is not correctly rounded (`sqrt_rn` corrects it exactly), and XLA, allowed excess
+  precision by default, drops the f32 -> f16 -> f32 round trip of `d` before the codes are
+  re-quantized with it (`f16_value` decodes the fp16 bits with integer ops instead). XLA:GPU did
+  not contract `a*b + c` there; the `mul` guard is for the CPU.
 
 Sums that ggml accumulates in a loop are spelled out element by element in the same order
 (`seq_sum`), never `jnp.sum`. The searches keep the summed element axis first and the blocks on
@@ -26,7 +31,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from numlab.formats._common import div_rn
+from numlab.formats._common import div_rn, f16_value, sqrt_rn
 
 F32 = jnp.float32
 _MAGIC = np.float32(12582912.0)  # 1.5 * 2**23: adding it leaves round-half-even(v) in the low mantissa bits
@@ -149,7 +154,7 @@ def quantize_super_blocks(x: jax.Array, nmax: int, rmin: float, nstep: int):
     xs = once(x.reshape(m, 8, 32).transpose(2, 1, 0))  # [32, 8, m]: element axis first
     keep = xs == xs
     kb = keep[0]
-    av_x = jnp.sqrt(div(seq_sum(mul(xs, xs, keep)), F32(32)))
+    av_x = sqrt_rn(div(seq_sum(mul(xs, xs, keep)), F32(32)))
     w = av_x + jnp.abs(xs)
     scales, mins, iscale, offset = make_qkx2_quants(xs, w, keep, nmax, rmin, 0.1, nstep)
 
@@ -169,8 +174,8 @@ def quantize_super_blocks(x: jax.Array, nmax: int, rmin: float, nstep: int):
     # ([m, 8], `once`) before they are broadcast.
     xn = x.reshape(m, 8, 32)
     keep_n = xn == xn
-    dj = once(d16[:, None].astype(F32) * ls.T.astype(F32))[..., None]
-    dmj = once(dmin16[:, None].astype(F32) * lm.T.astype(F32))[..., None]
+    dj = once(f16_value(d16)[:, None] * ls.T.astype(F32))[..., None]
+    dmj = once(f16_value(dmin16)[:, None] * lm.T.astype(F32))[..., None]
     searched = levels(once(iscale.T)[..., None], xn, once(offset.T)[..., None], keep_n, nmax)
     requant = jnp.clip(nearest_int(div(xn + dmj, dj)), 0, nmax)
     codes = jnp.where(dj != 0, requant, searched).reshape(m, 256)

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from numlab.formats import kquant_search as ks
-from numlab.formats._common import Unpacked, f16_from_bytes
+from numlab.formats._common import Unpacked, f16_from_bytes, f16_value
 
 BLOCK_SIZE = 256
 TYPE_SIZE = 210
@@ -113,7 +113,7 @@ def quantize_blocks(x: jax.Array) -> jax.Array:
     xn = flat.reshape(m, 16, 16)
     zero_t = ks.once(zero.T.astype(F32))[..., None] != 0
     searched = jnp.where(zero_t, 0, _codes(ks.once(iscale.T)[..., None], xn, xn == xn) + _NMAX)
-    dj = ks.once(d16[:, None].astype(F32) * sc8.astype(F32))[..., None]
+    dj = ks.once(f16_value(d16)[:, None] * sc8.astype(F32))[..., None]
     requant = jnp.clip(ks.nearest_int(ks.div(xn, dj)), -_NMAX, _NMAX - 1) + _NMAX
     codes = jnp.where(dj != 0, requant, searched).reshape(m, 2, 4, 32)  # [m, half, quarter, i]
 
