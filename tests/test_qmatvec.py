@@ -154,7 +154,7 @@ def test_q8_1_is_dot_of_q8_1_activations(fmt):
 
 @pytest.mark.parametrize("fmt", ("q4_k", "q6_k"))
 @pytest.mark.parametrize("rows,cols", [(16, 512), (64, 2048)])
-def test_engine_like_numbers(fmt, rows, cols):
+def test_engine_like_numbers(fmt, rows, cols, record_property):
     # CASCADE #11: CPU (Q8_K activations) vs dequantize + f32 dot: max rel ~1e-2, 1-cos ~1e-5;
     # f32 vs float64: ~1e-7. The q8_k-vs-f32 gap is activation quantization, not accumulation.
     rng = np.random.default_rng(rows + cols)
@@ -163,13 +163,14 @@ def test_engine_like_numbers(fmt, rows, cols):
     y8, y32, y64 = (_qmv(w, x, a) for a in ("q8_k", "f32", "f64"))
     rel8, cos8, rel32 = _rel(y8, y32), _cos(y8, y32), _rel(y32, y64)
     msg = f"{fmt} {rows}x{cols}: q8_k vs f32 max rel {rel8:.3g}, cos {cos8:.8f}; f32 vs f64 {rel32:.3g}"
+    record_property("measured", msg)
     assert 1e-3 < rel8 < 1e-1, msg
     assert 0.9999 <= cos8 < 1.0 - 1e-7, msg
     assert rel32 <= 1e-6, msg
 
 
 @pytest.mark.parametrize("fmt", ("f32", "f16", "bf16", "q4_k", "q6_k", "q8_0"))
-def test_float_modes_vs_numpy(fmt):
+def test_float_modes_vs_numpy(fmt, record_property):
     rng = np.random.default_rng(3)
     if fmt in ("f32", "f16", "bf16"):
         w = QTensor.from_float(rng.standard_normal((24, 512)).astype(np.float32), fmt)
@@ -181,6 +182,7 @@ def test_float_modes_vs_numpy(fmt):
     y64 = _qmv(w, x, "f64")
     assert y64.dtype == jnp.float64 and _rel(y64, ref) < 1e-14
     err = {a: _rel(_qmv(w, x, a), ref) for a in ("f32", "f16", "bf16")}
+    record_property("measured", f"{fmt} rel err vs float64: {err}")
     assert err["f32"] < 1e-6 and 1e-5 < err["f16"] < 1e-3 and 1e-4 < err["bf16"] < 1e-2, f"{fmt}: {err}"
     assert _rel(_qmv(w, x, "f32", "f64"), ref) < 1e-14
     bf = np.asarray(jnp.asarray(x).astype(jnp.bfloat16).astype(jnp.float64)) @ wd.T
