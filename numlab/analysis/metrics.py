@@ -94,7 +94,10 @@ def log_softmax(logits):
 def kld(logits_ref, logits_low):
     """KL(p_ref || p_low) per token over the last axis: sum p_ref (log p_ref - log p_low), exact (no
     16-bit storage or -16 log-prob cut-off as in llama-perplexity's base-logit file)."""
-    lr, ll = log_softmax(logits_ref), log_softmax(logits_low)
+    return _kld_of_log_probs(log_softmax(logits_ref), log_softmax(logits_low))
+
+
+def _kld_of_log_probs(lr, ll):
     return jnp.sum(jnp.exp(lr) * (lr - ll), axis=-1)
 
 
@@ -106,10 +109,12 @@ def argmax_agree(logits_ref, logits_low):
 def target_prob_diff(logits_ref, logits_low, targets):
     """Δp = p_low(target) - p_ref(target) per token: the change of the probability of the token that
     actually follows (llama-perplexity's Δp)."""
+    return _dp_of_log_probs(log_softmax(logits_ref), log_softmax(logits_low), targets)
+
+
+def _dp_of_log_probs(lr, ll, targets):
     t = jnp.asarray(targets)[..., None]
-    p_ref = jnp.exp(jnp.take_along_axis(log_softmax(logits_ref), t, axis=-1))[..., 0]
-    p_low = jnp.exp(jnp.take_along_axis(log_softmax(logits_low), t, axis=-1))[..., 0]
-    return p_low - p_ref
+    return jnp.exp(jnp.take_along_axis(ll, t, axis=-1))[..., 0] - jnp.exp(jnp.take_along_axis(lr, t, axis=-1))[..., 0]
 
 
 def mean_and_uncertainty(values):
@@ -145,8 +150,9 @@ def kld_stats(logits_ref, logits_low, targets) -> dict:
     """llama-perplexity --kl-divergence statistics with ref as the base model, over all tokens given
     (logits [..., V]; targets [...] the token that follows each position): mean KLD ± standard error,
     KLD min/max/percentiles, mean Δp ±, Δp percentiles, RMS Δp ±, same top token share ±."""
-    k = np.asarray(kld(logits_ref, logits_low), np.float64).ravel()
-    dp = np.asarray(target_prob_diff(logits_ref, logits_low, targets), np.float64).ravel()
+    lr, ll = log_softmax(logits_ref), log_softmax(logits_low)  # once each, for the KLD and for Δp
+    k = np.asarray(_kld_of_log_probs(lr, ll), np.float64).ravel()
+    dp = np.asarray(_dp_of_log_probs(lr, ll, targets), np.float64).ravel()
     same = np.asarray(argmax_agree(logits_ref, logits_low)).ravel()
     n = k.size
     kld_mean, kld_unc = mean_and_uncertainty(k)
