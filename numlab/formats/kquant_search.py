@@ -3,7 +3,7 @@
 ggml's reference quantizers (ggml-quants.c) run plain IEEE float32 code in source order with no
 fused multiply-add. XLA does two things that change those bits, and this module blocks both:
 
-* On CPU (and GPU) LLVM contracts `a*b + c` into one FMA (one rounding instead of two).
+* On CPU LLVM contracts `a*b + c` into one FMA (one rounding instead of two).
   `mul(a, b, keep)` = `where(keep, a*b, a)`: an add then consumes a select, not a multiply, so
   nothing can be fused; `keep` is data (`x == x`, true for every finite input) that no compiler
   can prove constant, so the select stays. The other arm must be a runtime value: with a constant
