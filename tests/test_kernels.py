@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import numlab.formats as formats
+from hlo_checks import rounding_pairs
 from numlab import kernels, ops
 from numlab.formats import QTensor
 from numlab.kernels import moe
@@ -149,6 +150,26 @@ def test_moe_ffn_equals_dense_reference(act, tokens):
         chex.assert_trees_all_close(two[0], y, atol=1e-5 * float(jnp.max(jnp.abs(ref))), rtol=0)
         chex.assert_trees_all_close(two[1], jax.jit(layer)(-x, idx[::-1], wts), rtol=0,
                                     atol=1e-5 * float(jnp.max(jnp.abs(ref))))
+
+
+_LOW = {"bf16": jnp.bfloat16, "f16": jnp.float16}
+
+
+@pytest.mark.parametrize("act", ["bf16", "f16", "q8_1", "q8_0"])
+def test_prepared_roundings_survive_excess_precision(act):
+    """The kernels' x (bf16, f16) and Q8_1/Q8_0 scales d are the reference's roundings, and the compiled
+    preparation holds no f32 -> bf16/f16 -> f32 convert pair that could undo them (on an H100 without
+    --xla_allow_excess_precision=false: q8_1 one token off by 4e-5 of |W| |x|, bf16 by 3e-4)."""
+    x = jnp.asarray(_rng("prepare", act).standard_normal((3, 512)) * 3, jnp.float32)
+    prep = jax.jit(functools.partial(qm.prepare, act=act))
+    if act in _LOW:
+        got, want = prep(x)[0], x.astype(_LOW[act]).astype(jnp.float32)
+    else:
+        got, want = prep(x)[1], formats.unpack(formats.quantize(x, act), act).d.reshape(3, -1)
+    np.testing.assert_array_equal(got, want)
+    assert rounding_pairs(jax.jit(lambda v: v.astype(_LOW["f16"]).astype(jnp.float32)).lower(x).compile().as_text())
+    pairs = rounding_pairs(prep.lower(x).compile().as_text())
+    assert not pairs, f"convert pairs {pairs} in the compiled qm.prepare(x, {act!r})"
 
 
 @settings(max_examples=6)

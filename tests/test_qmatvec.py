@@ -3,6 +3,7 @@ import functools
 
 import chex
 import ggml_oracle
+from hlo_checks import rounding_pairs
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -187,6 +188,20 @@ def test_float_modes_vs_numpy(fmt, record_property):
     assert _rel(_qmv(w, x, "f32", "f64"), ref) < 1e-14
     bf = np.asarray(jnp.asarray(x).astype(jnp.bfloat16).astype(jnp.float64)) @ wd.T
     assert _rel(_qmv(w, x, "bf16", "f64"), bf) < 1e-14  # bf16 rounds the activations, nothing else
+
+
+@pytest.mark.parametrize("fmt,act", [("q4_k", "bf16"), ("q4_k", "f16"), ("q4_k", "q8_1"), ("q6_k", "q8_k"),
+                                      ("q8_0", "q8_0")])
+def test_activation_roundings_hold_without_the_excess_precision_flag(fmt, act):
+    # XLA:GPU, allowed excess precision (its default), removes f32 -> bf16/f16 -> f32 convert pairs and
+    # the rounding with them (the codecs' fp16 scale bytes fold into such a pair): on an H100 without
+    # the flag Q8_1's d went unrounded (4e-5 of |W| |x|) and bf16 x too (3e-4). None may be compiled.
+    rng = np.random.default_rng(5)
+    _, w = _ggml_weights(rng, fmt, 8, 512)
+    x = jnp.asarray(_activations(rng, "laplace", (3, 512)))
+    hlo = jax.jit(lambda v: _qmv(w, v, act)).lower(x).compile().as_text()
+    assert rounding_pairs(hlo) == [], f"{fmt} act={act}: convert pairs {rounding_pairs(hlo)}"
+    assert rounding_pairs(jax.jit(lambda v: v.astype(jnp.bfloat16).astype(jnp.float32)).lower(x).compile().as_text())
 
 
 # ---------------------------------------------------------------- derivative

@@ -27,8 +27,8 @@ def f16_bytes(x: jax.Array) -> jax.Array:
 
 
 def f16_from_bytes(b: jax.Array) -> jax.Array:
-    """uint8 [..., 2] -> float32 [...] (exact)."""
-    return lax.bitcast_convert_type(b, jnp.float16).astype(jnp.float32)
+    """uint8 [..., 2] -> float32 [...] (exact, decoded with integer ops: `f16_value`)."""
+    return f16_value(lax.bitcast_convert_type(b, jnp.float16))
 
 
 def f16_value(h: jax.Array) -> jax.Array:
@@ -46,6 +46,15 @@ def f16_value(h: jax.Array) -> jax.Array:
     subnormal = lax.bitcast_convert_type(m.astype(jnp.float32) * jnp.float32(2.0 ** -24), jnp.int32)
     mag = jnp.where(e == 0x1F, special, jnp.where(e == 0, subnormal, normal))
     return lax.bitcast_convert_type(sign | mag, jnp.float32)
+
+
+def low_value(h: jax.Array) -> jax.Array:
+    """float32 value of bf16 or f16 `h`, decoded from its bits with integer ops (see `f16_value`)."""
+    if h.dtype == jnp.float16:
+        return f16_value(h)
+    if h.dtype != jnp.bfloat16:
+        raise TypeError(f"low_value takes bfloat16 or float16, got {h.dtype}")
+    return lax.bitcast_convert_type(lax.bitcast_convert_type(h, jnp.uint16).astype(jnp.uint32) << 16, jnp.float32)
 
 
 def f32_bytes(x: jax.Array) -> jax.Array:

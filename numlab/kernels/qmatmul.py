@@ -7,8 +7,8 @@ the weights' GGML bytes once and decoding them in registers (numlab.kernels.layo
 
 Activation modes, with the arithmetic of numlab.ops.qmatvec's reference (the same function up to
 float rounding; the dequantized weights are bit-identical):
-- f32 / bf16 / f16: x rounded to that dtype, float32 products and sums with the exactly dequantized
-  weights. One token per tile: elementwise multiply-adds; 16 or more: a dot (`Config.dot`).
+- f32 / bf16 / f16: x rounded to that dtype (outside the kernel), float32 products and sums with the
+  exactly dequantized weights. One token per tile: elementwise multiply-adds; 16 or more: a dot (`Config.dot`).
 - q8_1 / q8_0 / q8_k: x quantized by numlab's codec outside the kernel; exact int32 dots of codes per
   group of 32 (tensor-core int8 dots for 16 or more tokens), then the reference's float scaling.
 Accumulation is float32.
@@ -23,6 +23,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 import numlab.formats as formats
+from numlab.formats._common import low_value
 from numlab.kernels import layouts
 from numlab.kernels.layouts import CHUNK, GROUP, GROUPS
 
@@ -107,15 +108,18 @@ def prepare(x, act: str):
     """Activation rows x float [P, K] -> the kernel's inputs for `act`: (x rounded, float32) for
     float modes; for integer modes, from numlab's codec (the reference's codes): codes int8 [P, K],
     scales float32 [P, K / 32] (q8_k: [P, K / 256]) and the sums of codes per 32 as int32 (q8_k) or
-    times their scale, float32 (q8_1, q8_0: the factor of a group's min term)."""
+    times their scale, float32 (q8_1, q8_0: the factor of a group's min term). Every bf16/f16 value
+    (x here; the fp16 scales of q8_1 and q8_0 in the codec's unpack) is read from its bits (`low_value`)."""
     if act in FLOAT_ACTS:
-        return (x.astype(jnp.dtype({"f32": jnp.float32, "bf16": jnp.bfloat16, "f16": jnp.float16}[act]))
-                .astype(jnp.float32),)
+        return (x.astype(jnp.float32) if act == "f32" else low_value(x.astype(_LOW[act])),)
     u = formats.unpack(formats.quantize(x.astype(jnp.float32), act), act)
     q = u.q.reshape(x.shape[0], -1)
-    d = u.d.reshape(x.shape[0], -1).astype(jnp.float32)
+    d = u.d.reshape(x.shape[0], -1)
     sums = q.reshape(x.shape[0], -1, GROUP).sum(-1).astype(jnp.int32)
     return q.astype(jnp.int8), d, sums if act == "q8_k" else d * sums.astype(jnp.float32)
+
+
+_LOW = {"bf16": jnp.bfloat16, "f16": jnp.float16}
 
 
 def qmatmul(data, fmt: str, shape, xs, tile_expert, act: str, cfg: Config, interpret: bool = False):
