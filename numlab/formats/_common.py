@@ -57,6 +57,17 @@ def low_value(h: jax.Array) -> jax.Array:
     return lax.bitcast_convert_type(lax.bitcast_convert_type(h, jnp.uint16).astype(jnp.uint32) << 16, jnp.float32)
 
 
+def once(v: jax.Array) -> jax.Array:
+    """`v` unchanged (v / 1 is exact), computed once into its own buffer.
+
+    XLA's CPU fusion copies cheap producers into every consumer (the 32-term sums were summed
+    five times per candidate, per-sub-block values recomputed for every element they are
+    broadcast to, transposes left as strided reads); it does not duplicate a division, so a
+    division by 1 is materialised once. Speed only: the bits do not change.
+    """
+    return v / lax.optimization_barrier(jnp.ones_like(v))
+
+
 def f32_bytes(x: jax.Array) -> jax.Array:
     """float32 [...] -> uint8 [..., 4] (little-endian bit pattern)."""
     return lax.bitcast_convert_type(x.astype(jnp.float32), jnp.uint8)

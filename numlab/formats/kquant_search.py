@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from numlab.formats._common import div_rn, f16_value, sqrt_rn
+from numlab.formats._common import div_rn, f16_value, once, sqrt_rn
 
 F32 = jnp.float32
 _MAGIC = np.float32(12582912.0)  # 1.5 * 2**23: adding it leaves round-half-even(v) in the low mantissa bits
@@ -53,17 +53,6 @@ def nearest_int(v: jax.Array) -> jax.Array:
     """
     bits = lax.bitcast_convert_type(v + _MAGIC, jnp.int32)
     return (bits & 0x7FFFFF) - 0x400000
-
-
-def once(v: jax.Array) -> jax.Array:
-    """`v` unchanged (v / 1 is exact), computed once into its own buffer.
-
-    XLA's CPU fusion copies cheap producers into every consumer (the 32-term sums were summed
-    five times per candidate, per-sub-block values recomputed for every element they are
-    broadcast to, transposes left as strided reads); it does not duplicate a division, so a
-    division by 1 is materialised once. Speed only: the bits do not change.
-    """
-    return v / lax.optimization_barrier(jnp.ones_like(v))
 
 
 def seq_sum(terms: jax.Array, start=None) -> jax.Array:
@@ -215,8 +204,8 @@ def dequantize_with_mins(u) -> jax.Array:
     d*sc and (d*sc)*q are exact in float32 (11 + 6 + 5 bits at most), so a fused multiply-subtract
     gives the same bits as ggml's two roundings in dequantize_row_q{4,5}_K.
     """
-    d1 = u.d[..., None] * u.scales.astype(F32)
-    m1 = u.dmin[..., None] * u.mins.astype(F32)
+    d1 = once(u.d[..., None] * u.scales.astype(F32))
+    m1 = once(u.dmin[..., None] * u.mins.astype(F32))
     q = u.q.astype(F32).reshape(u.q.shape[:-1] + (8, 32))
     return (d1[..., None] * q - m1[..., None]).reshape(u.q.shape)
 

@@ -150,6 +150,6 @@ def dequantize_blocks(raw: jax.Array) -> jax.Array:
     Both products are exact in float32 (11 + 7 + 5 bits), so the order cannot change the bits.
     """
     u = unpack_blocks(raw)
-    d1 = u.d[..., None] * u.scales.astype(F32)
+    d1 = ks.once(u.d[..., None] * u.scales.astype(F32))
     q = u.q.astype(F32).reshape(u.q.shape[:-1] + (16, 16))
     return (d1[..., None] * q).reshape(u.q.shape)

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from numlab.formats._common import Unpacked, div_rn, f16_bytes, f16_from_bytes
+from numlab.formats._common import Unpacked, div_rn, f16_bytes, f16_from_bytes, once
 
 BLOCK_SIZE = 32
 TYPE_SIZE = 34
@@ -60,4 +60,4 @@ def unpack_blocks(raw: jax.Array) -> Unpacked:
 def dequantize_blocks(raw: jax.Array) -> jax.Array:
     """uint8 [..., nb, 34] -> float32 [..., nb, 32]: q * d, one float32 product (dequantize_row_q8_0)."""
     u = unpack_blocks(raw)
-    return u.q.astype(jnp.float32) * u.d[..., None]
+    return u.q.astype(jnp.float32) * once(u.d)[..., None]

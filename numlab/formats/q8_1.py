@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from numlab.formats._common import Unpacked, f16_bytes, f16_from_bytes
+from numlab.formats._common import Unpacked, f16_bytes, f16_from_bytes, once
 from numlab.formats.q8_0 import scale_and_codes
 
 BLOCK_SIZE = 32
@@ -34,4 +34,4 @@ def unpack_blocks(raw: jax.Array) -> Unpacked:
 def dequantize_blocks(raw: jax.Array) -> jax.Array:
     """uint8 [..., nb, 36] -> float32 [..., nb, 32]: q * d, one float32 product."""
     u = unpack_blocks(raw)
-    return u.q.astype(jnp.float32) * u.d[..., None]
+    return u.q.astype(jnp.float32) * once(u.d)[..., None]
