@@ -23,9 +23,9 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 import numlab.formats as formats
-from numlab.formats._common import low_value
 from numlab.kernels import layouts
 from numlab.kernels.layouts import CHUNK, GROUP, GROUPS
+from numlab.ops.precision import rounded
 
 FLOAT_ACTS = ("f32", "bf16", "f16")
 INT_ACTS = {"q4_k": ("q8_k", "q8_1"), "q5_k": ("q8_k", "q8_1"), "q6_k": ("q8_k", "q8_1"),
@@ -109,17 +109,14 @@ def prepare(x, act: str):
     float modes; for integer modes, from numlab's codec (the reference's codes): codes int8 [P, K],
     scales float32 [P, K / 32] (q8_k: [P, K / 256]) and the sums of codes per 32 as int32 (q8_k) or
     times their scale, float32 (q8_1, q8_0: the factor of a group's min term). Every bf16/f16 value
-    (x here; the fp16 scales of q8_1 and q8_0 in the codec's unpack) is read from its bits (`low_value`)."""
+    (x here, the fp16 scales of q8_1 and q8_0 in the codec) is read back from its bits (`low_value`)."""
     if act in FLOAT_ACTS:
-        return (x.astype(jnp.float32) if act == "f32" else low_value(x.astype(_LOW[act])),)
+        return (rounded(x, act),)
     u = formats.unpack(formats.quantize(x.astype(jnp.float32), act), act)
     q = u.q.reshape(x.shape[0], -1)
     d = u.d.reshape(x.shape[0], -1)
     sums = q.reshape(x.shape[0], -1, GROUP).sum(-1).astype(jnp.int32)
     return q.astype(jnp.int8), d, sums if act == "q8_k" else d * sums.astype(jnp.float32)
-
-
-_LOW = {"bf16": jnp.bfloat16, "f16": jnp.float16}
 
 
 def qmatmul(data, fmt: str, shape, xs, tile_expert, act: str, cfg: Config, interpret: bool = False):

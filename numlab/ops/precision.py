@@ -2,6 +2,8 @@
 import jax
 import jax.numpy as jnp
 
+from numlab.formats._common import low_value
+
 DTYPES = ("f64", "f32", "bf16", "f16")
 ACTS = ("f64", "f32", "bf16", "f16", "q8_k", "q8_1", "q8_0")
 ACCS = ("f64", "f32")
@@ -24,6 +26,15 @@ def jdtype(name: str):
         raise ValueError("precision 'f64' needs float64: call jax.config.update('jax_enable_x64', True) "
                          "before making arrays (without it JAX would silently compute in float32)")
     return _JDTYPES[name]
+
+
+def rounded(x, name: str):
+    """x rounded to float precision `name`, as a value of that precision (f64, f32) or, for bf16 and f16,
+    as float32 read back from the rounded bits (`low_value`: XLA may drop an f32 -> bf16/f16 -> f32 pair)."""
+    x = jnp.asarray(x)
+    if name in ("bf16", "f16"):
+        return low_value(x.astype(jdtype(name)))
+    return x.astype(jdtype(name))
 
 
 def perturb(y, key, bits):

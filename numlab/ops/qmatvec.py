@@ -38,8 +38,7 @@ import jax.numpy as jnp
 
 import numlab.formats as formats
 from numlab.formats import QTensor
-from numlab.formats._common import low_value
-from numlab.ops.precision import ACCS, ACTS, check, jdtype
+from numlab.ops.precision import ACCS, ACTS, check, jdtype, rounded
 
 _HI = jax.lax.Precision.HIGHEST
 _FLOAT_ACTS = ("f64", "f32", "bf16", "f16")
@@ -88,10 +87,8 @@ def _linear(w: QTensor, x, dt):
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1))
 def _qmatvec(act, acc, w, x):
     dt = _out_dtype(act, acc)
-    if act in ("bf16", "f16"):  # the rounded value read from its bits: XLA may drop an f32->bf16->f32 pair
-        return _linear(w, low_value(x.astype(jdtype(act))), dt)
     if act in _FLOAT_ACTS:
-        return _linear(w, x.astype(jdtype(act)), dt)
+        return _linear(w, rounded(x, act), dt)
     return _quantized(act, w, x, dt)
 
 
