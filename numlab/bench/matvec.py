@@ -24,6 +24,7 @@ import jax.numpy as jnp
 from jax.profiler import ProfileData
 
 import numlab.formats as formats
+from numlab.bench import peer
 from numlab.formats import QTensor
 from numlab.kernels import qmatmul as qm
 from numlab.ops import qmatvec as ops_qmatvec
@@ -43,6 +44,17 @@ GGML_US = {                # issue 7's table: ggml CUDA test-backend-ops perf on
     ("mul_mat_id", "q6_k", 768, 2048, 1): 10.7,
 }
 _F16_FIELDS = {"q4_k": (0, 2), "q5_k": (0, 2), "q6_k": (208,), "q8_0": (0,)}
+
+
+def ggml_source() -> str:
+    """Where ggml's times come from: results/bench/peer.json (scripts/device_peer.sh) where it exists,
+    else issue 7's table."""
+    return peer.PEER_JSON if peer.load() else "issue 7 table (ggml CUDA test-backend-ops perf, H100)"
+
+
+def ggml_time_us(case) -> float | None:
+    """ggml CUDA's microseconds for the case's shape and weight format (ggml_source's figures)."""
+    return (peer.load() or GGML_US).get((case.what, case.fmt, case.rows, case.cols, case.n))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,7 +163,7 @@ def figures(case: Case, t: dict, copy_bw: float, moved: float | None = None, flo
     seconds = t["device_s"] or t["wall_s"]
     moved = moved or case.weight_bytes + 4 * case.n * (case.cols + case.rows)
     flops = flops or 2 * case.rows * case.cols * case.n
-    ggml_us = GGML_US.get((case.what, case.fmt, case.rows, case.cols, case.n))
+    ggml_us = ggml_time_us(case)
     return {"device_us": None if t["device_s"] is None else t["device_s"] * 1e6, "wall_us": t["wall_s"] * 1e6,
             "wall_best_us": t["wall_best_s"] * 1e6, "gb_per_s": moved / seconds / 1e9,
             "of_copy_bandwidth": moved / seconds / copy_bw,
@@ -337,7 +349,7 @@ def run(cases=None, repeats: int = 10, budget_s: float = 240.0, seed: int = 0, c
     results = run_sweeps(sweeps, start + budget_s)
     return {"device": dev.device_kind, "platform": dev.platform, "jax_version": jax.__version__,
             "copy_bandwidth_bytes_per_s": copy_bw, "repeats": repeats, "check_rtol": CHECK_RTOL,
-            "ggml_source": "issue 7 table (ggml CUDA test-backend-ops perf, H100)",
+            "ggml_source": ggml_source(),
             "notes": __doc__, "elapsed_s": time.perf_counter() - start, "cases": results}
 
 
@@ -375,6 +387,25 @@ def check_all(key, deadline: float, log=print) -> list:
     return out
 
 
+def with_ggml(result: dict) -> dict:
+    """result with every timing's ggml_us and ggml_over_ours (and ggml_source) taken from ggml_source()'s
+    figures: for a run made before the peer was measured in the same device session."""
+    def refresh(node, g):
+        if isinstance(node, dict):
+            if "ggml_us" in node:
+                seconds = (node["device_us"] or node["wall_us"]) * 1e-6
+                node.update(ggml_us=g, ggml_over_ours=None if g is None else g * 1e-6 / seconds)
+            for v in node.values():
+                refresh(v, g)
+        elif isinstance(node, list):
+            for v in node:
+                refresh(v, g)
+
+    for c in result["cases"]:
+        refresh(c, ggml_time_us(Case(**c["case"])))
+    return dict(result, ggml_source=ggml_source())
+
+
 def table(result: dict) -> str:
     """One line per case: reference, best kernel and ggml times (device us), ratios."""
     lines = [f"{'case':60s} {'xla us':>9s} {'ours us':>9s} {'ggml us':>8s} {'ggml/ours':>9s} {'of copy':>7s}"]
@@ -384,7 +415,7 @@ def table(result: dict) -> str:
         best = c.get("best")
         r = _us(ref) if "cold" in ref else float("nan")
         b = _us(best) if best else float("nan")
-        g = GGML_US.get((case.what, case.fmt, case.rows, case.cols, case.n))
+        g = ggml_time_us(case)
         ratio = f"{g / b:9.2f}" if g and best else " " * 9
         frac = f"{best['cold']['of_copy_bandwidth']:7.2f}" if best else " " * 7
         lines.append(f"{case.name:60s} {r:9.1f} {b:9.1f} {(g or float('nan')):8.1f} {ratio} {frac}")
