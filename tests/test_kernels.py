@@ -9,8 +9,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 import numlab.formats as formats
 from hlo_checks import rounding_pairs
@@ -170,21 +168,6 @@ def test_prepared_roundings_survive_excess_precision(act):
     assert rounding_pairs(jax.jit(lambda v: v.astype(_LOW["f16"]).astype(jnp.float32)).lower(x).compile().as_text())
     pairs = rounding_pairs(prep.lower(x).compile().as_text())
     assert not pairs, f"convert pairs {pairs} in the compiled qm.prepare(x, {act!r})"
-
-
-@settings(max_examples=6)
-@given(st.integers(1, 12), st.integers(1, 4), st.integers(1, 9), st.sampled_from([1, 2, 4, 16]), st.integers(0, 99))
-def test_group_by_expert_tiles(t, k, n_exp, tokens, seed):
-    """Every pair gets its own slot; a tile holds one expert's pairs only; unused tiles are -1."""
-    k = min(k, n_exp)
-    rng = np.random.default_rng(seed)
-    idx = np.stack([rng.choice(n_exp, k, replace=False) for _ in range(t)])
-    slot, tile_expert = (np.asarray(a) for a in moe.group_by_expert(jnp.asarray(idx), n_exp, tokens))
-    assert len(set(slot.tolist())) == t * k
-    np.testing.assert_array_equal(tile_expert[slot // tokens], idx.reshape(-1))
-    used = np.zeros(len(tile_expert), bool)
-    used[slot // tokens] = True
-    assert np.all(tile_expert[~used] == -1)
 
 
 def test_errors_name_the_bad_value():

@@ -72,7 +72,7 @@ def test_capture_and_a_rule_changes_only_the_sites_it_matches(tiny, plain):
     ruled = forward(tiny, TOKENS, "f32; blk.1.router_softmax.dtype=bf16", capture="*")
     c, order = tiny.config, list(site_kinds(tiny.config))
     assert set(base.sites) == {s for s, _ in LAYER_SITES} | {s for s, _ in GLOBAL_SITES}
-    chex.assert_shape(base.sites["ffn_down_exps"], (c.n_layers, len(TOKENS), c.n_experts, c.d_model))
+    chex.assert_shape(base.sites["ffn_down_exps"], (c.n_layers, len(TOKENS), c.n_experts_used, c.d_model))
     chex.assert_shape(base.sites["rope"], (c.n_layers, len(TOKENS), c.n_heads + c.n_kv_heads, c.head_dim))
     np.testing.assert_array_equal(base.sites["output"], base.logits)
     np.testing.assert_array_equal(base.sites["ffn_gate_inp"], base.router_logits)

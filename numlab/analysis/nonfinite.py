@@ -2,8 +2,7 @@
 
 One forward pass captures every site ("*"); each site's output is reduced on device to a flag per
 token, and the host picks the first flagged (site, token). The token embedding rows count as a site
-before layer 0. Expert sites compute every expert densely, so only the experts chosen for a token
-(its top-k) count: a NaN in an expert no token uses changes nothing.
+before layer 0. Expert sites hold only the experts chosen for each token ([T, k, ...]).
 """
 import functools
 from typing import NamedTuple
@@ -18,7 +17,6 @@ from numlab.models.qwen3_moe import forward
 from numlab.models.sites import GLOBAL_SITES, LAYER_SITES, site_names
 
 EMBEDDING = "token_embd"
-EXPERT_SITES = ("ffn_gate_exps", "ffn_up_exps", "silu", "ffn_down_exps")  # outputs [L, T, E, ...]
 
 
 class NonFinite(NamedTuple):
@@ -47,10 +45,7 @@ def _flags(model, tokens, policy):
     rows = [_bad(formats.dequantize(emb.data[tokens], emb.fmt), 1)[None]]
     per_layer = []
     for name, _ in LAYER_SITES:
-        a = trace.sites[name]
-        if name in EXPERT_SITES:
-            a = jnp.take_along_axis(a, trace.topk_idx[..., None], axis=2)
-        per_layer.append(_bad(a, 2))
+        per_layer.append(_bad(trace.sites[name], 2))
     n_layers, t = trace.resid.shape[:2]
     rows.append(jnp.stack(per_layer, axis=1).reshape(-1, t))
     rows.append(jnp.stack([_bad(trace.sites[name], 1) for name, _ in GLOBAL_SITES]))

@@ -5,6 +5,7 @@ import time
 import jax
 import numpy as np
 
+from numlab import kernels
 from numlab import policy as policy_lib
 from numlab.bench.codecs import copy_bandwidth
 from numlab.analysis import attribution
@@ -20,7 +21,8 @@ def _peak_bytes():
 def _build(size: str, result: dict, log):
     """The synthetic model of `size`, built on the device; build time, weight bytes and peak memory into result."""
     result.update({"device": jax.devices()[0].device_kind, "backend": jax.default_backend(),
-                   "jax": jax.__version__, "size": size, "copy_bandwidth_GBps": copy_bandwidth(1 << 30, 5) / 1e9})
+                   "jax": jax.__version__, "size": size, "copy_bandwidth_GBps": copy_bandwidth(1 << 30, 5) / 1e9,
+                   "kernels": {"mode": kernels.mode(), "native": kernels.enabled()}})
     t = time.perf_counter()
     model = synthetic.make_model(size)
     jax.block_until_ready(jax.tree.leaves(model.tensors))

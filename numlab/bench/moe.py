@@ -34,10 +34,9 @@ def grouped_product(case: mv.Case, cfg: qm.Config):
     cfg = qm.fit(cfg, case.rows, case.cols)
 
     def product(w, x, idx):
-        slot, tile_expert = moe.group_by_expert(idx, w.data.shape[0], cfg.tokens)
-        xs = moe.to_tiles(jnp.repeat(x, idx.shape[1], axis=0), slot, tile_expert.shape[0] * cfg.tokens)
-        y = moe.expert_matmul(w, xs, tile_expert, case.act, cfg, interpret)
-        return moe.from_tiles(y, slot).reshape(idx.shape + (case.rows,))
+        y = moe.expert_qmatvec_fast(w, jnp.repeat(x, idx.shape[1], axis=0), idx.reshape(-1), case.act,
+                                    config=cfg, interpret=interpret)
+        return y.reshape(idx.shape + (case.rows,))
     return jax.jit(product)
 
 

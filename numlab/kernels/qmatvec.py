@@ -9,6 +9,7 @@ its transpose, the transposed product of the cotangent with the dequantized weig
 import dataclasses
 import functools
 import math
+import os
 
 import jax
 import jax.custom_batching
@@ -25,6 +26,28 @@ _HI = jax.lax.Precision.HIGHEST
 def enabled() -> bool:
     """Whether the kernels run natively here (a GPU backend); elsewhere numlab uses the reference."""
     return jax.default_backend() == "gpu"
+
+
+MODES = ("auto", "off", "always")
+
+
+def mode() -> str:
+    """The NUMLAB_KERNELS environment variable, read when a function is traced: "auto" (default: the
+    kernels on a GPU where they pay), "off" (the reference everywhere) or "always" (the kernels
+    wherever they apply, natively on a GPU, in Pallas' CPU interpreter elsewhere: for tests)."""
+    value = os.environ.get("NUMLAB_KERNELS", "auto")
+    if value not in MODES:
+        raise ValueError(f"NUMLAB_KERNELS={value!r}; valid: {', '.join(MODES)}")
+    return value
+
+
+def use_for(w: QTensor, act: str, acc: str, n_tokens: int) -> bool:
+    """Whether numlab.ops routes qmatvec(w, x, act, acc) with n_tokens rows of x (per matrix) to a kernel:
+    mode() "auto" on a GPU where a kernel applies and tuning.pays, "always" where one applies."""
+    m = mode()
+    if m == "off" or not applies(w, act, acc):
+        return False
+    return m == "always" or (enabled() and tuning.pays(act, n_tokens))
 
 
 def applies(w: QTensor, act: str, acc: str) -> bool:

@@ -37,3 +37,10 @@ def config_for(fmt: str, act: str, n_tokens: int, rows: int | None = None, cols:
     programs = max(1, rows // cfg.rows) * max(1, -(-n_tokens // cfg.tokens))
     ksplit = max(1, min(cols // CHUNK // 2, -(-SMS * WAVES // programs)))
     return Config(rows=cfg.rows, tokens=cfg.tokens, ksplit=ksplit, num_warps=cfg.num_warps)
+
+
+def pays(act: str, n_tokens: int) -> bool:
+    """Whether the kernel beats XLA's dequantize-and-dot for n_tokens activation rows per matrix. On the
+    H100 (results/bench/matvec.json, q4_k 4096×14336): integer modes at every n measured (1, 8, 512:
+    1.6–11× faster); float modes at n = 1 and 8 (2.1×, 2.2×) but not at 512 (XLA's dot 3.2× faster)."""
+    return act not in FLOAT_ACTS or n_tokens <= 8

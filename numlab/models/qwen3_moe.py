@@ -11,8 +11,8 @@ l·(1 + 2^-bits·u), u ~ U(-1, 1) per element, keyed by the site's mix index.
 Layers run under `lax.scan`. Layers whose weight formats and resolved site precisions (low and ref)
 agree form a *variant*; each variant's weights are stacked, and the scan body switches on the layer's
 variant (`lax.switch`, one traced branch per variant), so compile time grows with the number of
-variants, not with depth. Experts run densely: every expert on every token (qmatvec vmapped over
-the expert axis); the moe_sum site combines the chosen k.
+variants, not with depth. Expert sites hold the chosen (token, expert) pairs only, [T, k, ...] in
+top-k order (numlab.ops.expert_qmatvec: grouped by expert on a GPU).
 """
 import dataclasses
 import functools
@@ -27,7 +27,7 @@ from numlab import policy as policy_lib
 from numlab.formats import QTensor
 from numlab.models import config as config_lib
 from numlab.models.sites import GLOBAL_KINDS, LAYER_KINDS, LAYER_SITES, site_kinds
-from numlab.ops import (attention, jdtype, moe_sum, qmatvec, rmsnorm, rope, router_margin, rsum, softmax,
+from numlab.ops import (attention, expert_qmatvec, jdtype, moe_sum, qmatvec, rmsnorm, rope, router_margin, rsum, softmax,
                         swiglu, topk_route)
 from numlab.ops.precision import perturb
 
@@ -173,12 +173,6 @@ def _renormalised_sum(expert_out, probs, dtype, order):
     return moe_sum(expert_out, p / rsum(p, axis=-1, order=order)[..., None], dtype, order)
 
 
-def _experts(w: QTensor, x, x_per_expert: bool, **fields):
-    """qmatvec of every expert of w [E, rows, cols] with x [T, cols] (shared) or [T, E, cols] -> [T, E, rows]."""
-    one = lambda we, xe: qmatvec(QTensor(we, w.fmt, w.shape), xe, **fields)  # noqa: E731
-    return jax.vmap(one, in_axes=(0, 1 if x_per_expert else None), out_axes=1)(w.data, x)
-
-
 def _layer(cfg, w, x, forced, site):
     """One decoder layer on the residual stream x [T, D]: attention block, then the MoE block."""
     t, hq, hkv, dh, k, eps = x.shape[0], cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.n_experts_used, cfg.rms_eps
@@ -197,12 +191,11 @@ def _layer(cfg, w, x, forced, site):
     logits = site("ffn_gate_inp", lambda **p: qmatvec(w["ffn_gate_inp"], h, **p))
     probs = site("router_softmax", lambda **p: softmax(logits, **p))
     idx, topk_w = topk_route(probs, k, forced)
-    g = site("ffn_gate_exps", lambda **p: _experts(w["ffn_gate_exps"], h, False, **p))
-    u = site("ffn_up_exps", lambda **p: _experts(w["ffn_up_exps"], h, False, **p))
+    g = site("ffn_gate_exps", lambda **p: expert_qmatvec(w["ffn_gate_exps"], h, idx, **p))
+    u = site("ffn_up_exps", lambda **p: expert_qmatvec(w["ffn_up_exps"], h, idx, **p))
     s = site("silu", lambda **p: swiglu(g, u, **p))
-    d = site("ffn_down_exps", lambda **p: _experts(w["ffn_down_exps"], s, True, **p))
-    chosen = jnp.take_along_axis(d, idx[:, :, None], axis=1)
-    moe = site("moe_sum", lambda **p: _renormalised_sum(chosen, jnp.take_along_axis(probs, idx, axis=1), **p))
+    d = site("ffn_down_exps", lambda **p: expert_qmatvec(w["ffn_down_exps"], s, idx, **p))
+    moe = site("moe_sum", lambda **p: _renormalised_sum(d, jnp.take_along_axis(probs, idx, axis=1), **p))
     x = site("ffn_add", lambda **p: _add(x, moe, **p))
     outs = dict(router_logits=logits, topk_idx=idx, topk_w=topk_w, margin=router_margin(logits, k))
     return x, outs

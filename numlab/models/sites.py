@@ -19,10 +19,10 @@ LAYER_SITES = (
     ("ffn_norm", "norm"),
     ("ffn_gate_inp", "matvec"),     # router logits [T, E]
     ("router_softmax", "softmax"),  # router probabilities [T, E]; the top-k choice follows
-    ("ffn_gate_exps", "matvec"),    # all experts [T, E, d_expert]
+    ("ffn_gate_exps", "matvec"),    # the chosen experts [T, k, d_expert] (top-k order)
     ("ffn_up_exps", "matvec"),
-    ("silu", "silu"),               # silu(gate) · up [T, E, d_expert]
-    ("ffn_down_exps", "matvec"),    # all experts [T, E, d_model]
+    ("silu", "silu"),               # silu(gate) · up [T, k, d_expert]
+    ("ffn_down_exps", "matvec"),    # the chosen experts [T, k, d_model]
     ("moe_sum", "moe_sum"),         # top-k weights renormalised, weighted sum of the chosen experts
     ("ffn_add", "add"),             # residual stream + MoE output
 )

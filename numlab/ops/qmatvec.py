@@ -32,6 +32,7 @@ dots run at precision=HIGHEST. The derivative with respect to x in every mode is
 dequantized linear map (straight-through for the rounding and the activation quantization).
 """
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -56,9 +57,15 @@ def acts_for(fmt: str) -> tuple:
     return _FLOAT_ACTS + _INT_ACTS.get(fmt, ())
 
 
-def qmatvec(w: QTensor, x, act: str = "f32", acc: str = "f32"):
+IMPLS = ("auto", "reference")
+
+
+def qmatvec(w: QTensor, x, act: str = "f32", acc: str = "f32", impl: str = "auto"):
     """y[..., rows] = W · x[..., cols] in mode `act` with `acc` accumulation (output dtype: float64 for
-    act f64, else `acc`). Straight-through derivative with respect to x (the dequantized map)."""
+    act f64, else `acc`). Straight-through derivative with respect to x (the dequantized map).
+    impl "auto": the Pallas kernel where numlab.kernels.use_for says it runs and pays (a GPU), else
+    this module's reference, which impl "reference" always runs."""
+    check("impl", impl, IMPLS)
     check("act", act, ACTS)
     check("acc", acc, ACCS)
     if not isinstance(w, QTensor):
@@ -71,6 +78,10 @@ def qmatvec(w: QTensor, x, act: str = "f32", acc: str = "f32"):
     if x.ndim < 1 or x.shape[-1] != w.shape[1]:
         raise ValueError(f"qmatvec: x of shape {x.shape} must end in cols={w.shape[1]} of the {w.fmt} "
                          f"weight {w.shape}")
+    if impl == "auto":
+        from numlab import kernels   # numlab.kernels imports numlab.ops
+        if kernels.use_for(w, act, acc, n_tokens=math.prod(x.shape[:-1])):
+            return kernels.qmatvec_fast(w, x, act, acc, interpret=not kernels.enabled())
     return _qmatvec(act, acc, w, x)
 
 
@@ -80,16 +91,31 @@ def _out_dtype(act: str, acc: str):
 
 def _linear(w: QTensor, x, dt):
     """Dequantized W · x with products and sums in dt."""
-    return jnp.einsum("...rc,...c->...r", w.dequantize().astype(dt), x.astype(dt),
-                      precision=_HI, preferred_element_type=dt)
+    return _dot(w.dequantize(), x, dt)
+
+
+def _dot(wd, x, dt):
+    """wd [..., rows, cols] · x [..., cols] with products and sums in dt (HIGHEST precision)."""
+    return jnp.einsum("...rc,...c->...r", wd.astype(dt), x.astype(dt), precision=_HI, preferred_element_type=dt)
+
+
+def prepared(w: QTensor, act: str):
+    """What the product in mode act reads of the weights, per matrix of a stack: the dequantized
+    float32 values (float modes) or the unpacked codes and scales (formats.Unpacked, integer modes)."""
+    return w.dequantize() if act in _FLOAT_ACTS else formats.unpack(w.data, w.fmt)
+
+
+def product(wp, fmt: str, x, act: str, acc: str):
+    """qmatvec's value from prepared(w, act) of weights in format fmt (no derivative rule of its own)."""
+    dt = _out_dtype(act, acc)
+    if act in _FLOAT_ACTS:
+        return _dot(wp, rounded(x, act), dt)
+    return _quantized(act, wp, fmt, x, dt)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1))
 def _qmatvec(act, acc, w, x):
-    dt = _out_dtype(act, acc)
-    if act in _FLOAT_ACTS:
-        return _linear(w, rounded(x, act), dt)
-    return _quantized(act, w, x, dt)
+    return product(prepared(w, act), w.fmt, x, act, acc)
 
 
 @_qmatvec.defjvp
@@ -123,17 +149,17 @@ def _flat(a):
     return a.reshape(a.shape[:-2] + (-1,))
 
 
-def _quantized(act, w: QTensor, x, dt):
-    """The integer-dot modes q8_k, q8_1, q8_0 (see the module docstring); x is rounded to float32 and
-    quantized by numlab's codec for `act`; float scaling and the sum over blocks in dt."""
+def _quantized(act, wu, fmt, x, dt):
+    """The integer-dot modes q8_k, q8_1, q8_0 (see the module docstring) on the unpacked weights wu;
+    x is rounded to float32 and quantized by numlab's codec for `act`; float scaling and the sum over
+    blocks in dt."""
     xu = formats.unpack(formats.quantize(x.astype(jnp.float32), act), act)
     xq, dx = _flat(xu.q), xu.d.astype(dt)[..., None, :]         # [..., cols], [..., 1, x blocks]
-    wu = formats.unpack(w.data, w.fmt)
     wq, dw = _flat(wu.q), wu.d.astype(dt)                       # [..., rows, cols], [..., rows, nb]
-    if w.fmt == "q8_0":
+    if fmt == "q8_0":
         return jnp.sum(dw * dx * _sub_dots(wq, xq, 32).astype(dt), axis=-1)
     mins = None                                                  # mins · (sum of x codes) per 32
-    if w.fmt != "q6_k":
+    if fmt != "q6_k":
         mins = _flat(wu.mins) * jnp.sum(_per_block(xq, 32), axis=-1)[..., None, :]
     if act == "q8_k":                                            # integer sums per 256, then scale
         y = dw * dx * _q8_k_isum(wu, wq, xq).astype(dt)
@@ -142,7 +168,7 @@ def _quantized(act, w: QTensor, x, dt):
         return jnp.sum(y, axis=-1)
     sub = 256 // wu.scales.shape[-1]                            # 16 (q6_k) or 32 values per scale
     scaled = _flat(wu.scales) * _sub_dots(wq, xq, sub)          # int32 [..., rows, cols / sub], exact
-    if w.fmt == "q6_k":
+    if fmt == "q6_k":
         scaled = jnp.sum(_per_block(scaled, 32 // sub), axis=-1)  # per 32: two 16-scales
     y = dw * jnp.sum(_per_block(dx * scaled.astype(dt), 8), axis=-1)   # q8_1: d8 per 32 inside the block
     if mins is not None:
