@@ -18,7 +18,7 @@ from numlab.kernels import moe
 from numlab.kernels import qmatmul as qm
 
 RTOL = 1e-5   # of sum |w| |x|: float32 rounding of products and sums in another order
-_ref = jax.jit(ops.qmatvec, static_argnames=("act", "acc"))
+_ref = jax.jit(functools.partial(ops.qmatvec, impl="reference"), static_argnames=("act", "acc"))
 _dequantize = jax.jit(lambda w: w.dequantize())
 
 
@@ -95,7 +95,7 @@ def test_derivatives_are_the_references():
     x, t = (jnp.asarray(rng.standard_normal((2, 256)), jnp.float32) for _ in range(2))
     g = jnp.asarray(rng.standard_normal((2, 16)), jnp.float32)
     fast = functools.partial(kernels.qmatvec_fast, w, act="q8_1", interpret=True)
-    ref = functools.partial(ops.qmatvec, w, act="q8_1")
+    ref = functools.partial(ops.qmatvec, w, act="q8_1", impl="reference")
     jvp = jax.jit(lambda f, x, t: jax.jvp(f, (x,), (t,))[1], static_argnums=0)
     vjp = jax.jit(lambda f, x, g: jax.vjp(f, x)[1](g)[0], static_argnums=0)
     chex.assert_trees_all_close(jvp(fast, x, t), jvp(ref, x, t), rtol=1e-6, atol=1e-6)
@@ -135,8 +135,9 @@ def test_moe_ffn_equals_dense_reference(act, tokens):
     @jax.jit
     def dense(x, idx, wts, gate, up, down):
         pick = lambda w: QTensor(w.data[idx], w.fmt, w.shape)
-        h = ops.swiglu(ops.qmatvec(pick(gate), x[:, None], act), ops.qmatvec(pick(up), x[:, None], act))
-        return ops.moe_sum(ops.qmatvec(pick(down), h, act), wts)
+        h = ops.swiglu(ops.qmatvec(pick(gate), x[:, None], act, impl="reference"),
+                       ops.qmatvec(pick(up), x[:, None], act, impl="reference"))
+        return ops.moe_sum(ops.qmatvec(pick(down), h, act, impl="reference"), wts)
 
     ref = dense(x, idx, wts, gate, up, down)
     chex.assert_shape(y, (t, d))

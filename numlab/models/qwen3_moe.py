@@ -27,8 +27,8 @@ from numlab import policy as policy_lib
 from numlab.formats import QTensor
 from numlab.models import config as config_lib
 from numlab.models.sites import GLOBAL_KINDS, LAYER_KINDS, LAYER_SITES, site_kinds
-from numlab.ops import (attention, expert_qmatvec, jdtype, moe_sum, qmatvec, rmsnorm, rope, router_margin, rsum, softmax,
-                        swiglu, topk_route)
+from numlab.ops import (attention, expert_qmatvec, jdtype, moe_sum, qmatvec, rmsnorm, rope, router_margin, rsum,
+                        softmax, swiglu, topk_route)
 from numlab.ops.precision import perturb
 
 

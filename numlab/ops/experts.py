@@ -8,8 +8,8 @@ experts. Three ways, one function (to float rounding):
 - Grouped reference (other accelerators): the same tiles, every expert prepared once (dequantized or
   unpacked), each tile's expert gathered from that for qmatvec's product.
 - Dense reference (CPU: small models): every expert on every row in one product, the chosen picked.
-  XLA:CPU runs that as large matrix products with the weights shared by a vmapped batch; gathering an
-  expert per tile was 11–18× slower on the tiny model's shapes.
+  XLA:CPU runs that as large matrix products with the weights shared by a vmapped batch; with the
+  grouped layout the tiny model's main job (scripts/attribute.py) took 108 s instead of 40 s.
 """
 import functools
 
@@ -49,8 +49,8 @@ def to_tiles(rows, slot, n_rows: int):
     (one-pair tiles: the rows themselves)."""
     if n_rows == rows.shape[0]:
         return rows
-    return jnp.zeros((n_rows, rows.shape[1]), rows.dtype).at[slot].add(rows)   # slots are distinct: a set
-                                                                                # whose transpose is a gather
+    # The slots are distinct, so an add is a set, and its transpose (reverse mode) is a gather.
+    return jnp.zeros((n_rows, rows.shape[1]), rows.dtype).at[slot].add(rows)
 
 
 def from_tiles(tiled, slot):
@@ -135,8 +135,9 @@ def _layout(fn, wp, x, expert, n_experts, layout):
 
 
 def reference(w: QTensor, x, expert, act: str = "f32", acc: str = "f32", layout: str | None = None):
-    """expert_qmatvec's reference in `layout` (LAYOUTS; None: default_layout()), arguments checked there."""
+    """expert_qmatvec's reference in `layout` (LAYOUTS; None: default_layout())."""
     layout = check("layout", layout or default_layout(), LAYOUTS)
+    check_experts(w, x, expert, "experts.reference")
     return _reference(act, acc, layout, w, jnp.asarray(x), jnp.asarray(expert, jnp.int32))
 
 
