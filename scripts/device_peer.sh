@@ -9,7 +9,8 @@
 # build: ggml from the sdist's vendored sources, GGML_CUDA=ON for sm_90 (flash attention off: not
 # timed here), with test-backend-ops' perf list extended by Qwen3-30B-A3B's attention (4096×2048,
 # 512×2048) and lm_head (151936×2048) shapes. perf: the MUL_MAT / MUL_MAT_ID cases of issue 7's
-# table and those shapes, console output to $WORK/perf.txt, parsed by numlab.bench.peer.
+# table and those shapes, console output to $WORK/perf.txt, parsed by numlab.bench.peer; the ggml
+# figures of results/bench/{matvec,moe}.json (scripts/device_kernels.sh) are refreshed from it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WORK="${WORK:-/tmp/ggml-peer}"
@@ -46,8 +47,8 @@ perf)
   filter='^type_a=(q4_K|q5_K|q6_K|q8_0),type_b=f32,(m=(4096|512|151936),n=(1|8|512),k=(14336|2048),bs=\[1,1\]|n_mats=128,n_used=8,b=0,m=768,n=(1|8|64|256),k=2048$)'
   "$WORK/build/bin/test-backend-ops" perf -b CUDA0 -o MUL_MAT,MUL_MAT_ID -p "$filter" | tee "$WORK/perf.txt"
   python3 - "$WORK/perf.txt" <<'PY'
-import datetime, subprocess, sys
-from numlab.bench import peer
+import datetime, json, os, subprocess, sys
+from numlab.bench import matvec, peer
 from numlab.io import atomic_write_json
 records = peer.parse(open(sys.argv[1]).read())
 gpu = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
@@ -60,6 +61,12 @@ atomic_write_json(peer.PEER_JSON, {
              "tensor (L2 may hold it); activations quantized to Q8_1 inside the timed graph",
     "records": records})
 print(f"{len(records)} records -> {peer.PEER_JSON}")
+for name in ("matvec", "moe"):                  # this session's kernel timings, now against these figures
+    path = f"results/bench/{name}.json"
+    if os.path.exists(path):
+        with open(path) as f:
+            atomic_write_json(path, matvec.with_ggml(json.load(f)))
+        print(f"ggml figures refreshed in {path}")
 PY
   ;;
 *)

@@ -5,6 +5,7 @@ its console lines into records, `times` keys them like numlab.bench.matvec's cas
 reads them back from results/bench/peer.json. ggml's perf loop re-runs one weight tensor (its
 packed bytes may stay in L2), with activations quantized to Q8_1 inside the timed graph.
 """
+import functools
 import json
 import os
 import re
@@ -35,8 +36,10 @@ def times(records: list) -> dict:
     return {(r["op"], r["fmt"], r["rows"], r["cols"], r["n"]): r["us"] for r in records}
 
 
+@functools.lru_cache(maxsize=None)
 def load(path: str = PEER_JSON) -> dict:
-    """times() of a peer.json written by scripts/device_peer.sh, or {} where there is none."""
+    """times() of a peer.json written by scripts/device_peer.sh, or {} where there is none (read once
+    per process)."""
     if not os.path.exists(path):
         return {}
     with open(path) as f:

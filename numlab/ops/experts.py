@@ -17,8 +17,8 @@ import jax
 import jax.numpy as jnp
 
 from numlab.formats import QTensor
-from numlab.ops.precision import ACCS, ACTS, check
-from numlab.ops.qmatvec import acts_for, prepared, product
+from numlab.ops.precision import check
+from numlab.ops.qmatvec import check_modes, prepared, product
 
 _HI = jax.lax.Precision.HIGHEST
 
@@ -86,18 +86,18 @@ def expert_qmatvec(w: QTensor, x, expert, act: str = "f32", acc: str = "f32"):
     from numlab import kernels   # numlab.kernels imports numlab.ops
 
     check_experts(w, x, expert)
-    check("act", act, ACTS)
-    check("acc", acc, ACCS)
-    if act not in acts_for(w.fmt):
-        raise ValueError(f"act {act!r} does not apply to {w.fmt} experts; valid for {w.fmt}: "
-                         f"{', '.join(acts_for(w.fmt))}")
+    check_modes(w.fmt, act, acc, "experts")
     x, expert = jnp.asarray(x), jnp.asarray(expert, jnp.int32)
     t, k = expert.shape
     if kernels.use_for(w, act, acc, n_tokens=max(1, t * k // w.data.shape[0])):
-        pairs = jnp.broadcast_to(x[:, None, :] if x.ndim == 2 else x, (t, k, w.shape[1])).reshape(t * k, -1)
-        y = kernels.expert_qmatvec_fast(w, pairs, expert.reshape(-1), act, interpret=not kernels.enabled())
+        y = kernels.expert_qmatvec_fast(w, _pair_rows(x, k), expert.reshape(-1), act, interpret=not kernels.enabled())
         return y.reshape(t, k, -1)
     return reference(w, x, expert, act, acc)
+
+
+def _pair_rows(x, k: int):
+    """x [T, cols] (each token's row to its k experts) or [T, k, cols] -> the pairs' rows [T·k, cols]."""
+    return jnp.broadcast_to(x[:, None, :] if x.ndim == 2 else x, (x.shape[0], k, x.shape[-1])).reshape(-1, x.shape[-1])
 
 
 def _dense(fn, wp, x, expert):
@@ -113,7 +113,7 @@ def _grouped(fn, wp, x, expert, n_experts: int):
     """fn of each tile's rows with its expert's prepared weights gathered from wp: [T, k, rows]."""
     t, k = expert.shape
     cols = x.shape[-1]
-    pairs = jnp.broadcast_to(x[:, None, :] if x.ndim == 2 else x, (t, k, cols)).reshape(t * k, cols)
+    pairs = _pair_rows(x, k)
     tokens = reference_tokens(t * k, n_experts)
     slot, tile_expert = group_by_expert(expert.reshape(-1), n_experts, tokens)
     n_tiles = tile_expert.shape[0]

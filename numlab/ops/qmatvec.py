@@ -60,20 +60,24 @@ def acts_for(fmt: str) -> tuple:
 IMPLS = ("auto", "reference")
 
 
+def check_modes(fmt: str, act: str, acc: str, what: str = "weights"):
+    """ValueError unless act and acc are known and act applies to `what` stored in fmt."""
+    check("act", act, ACTS)
+    check("acc", acc, ACCS)
+    valid = acts_for(fmt)
+    if act not in valid:
+        raise ValueError(f"act {act!r} does not apply to {fmt} {what}; valid for {fmt}: {', '.join(valid)}")
+
+
 def qmatvec(w: QTensor, x, act: str = "f32", acc: str = "f32", impl: str = "auto"):
     """y[..., rows] = W · x[..., cols] in mode `act` with `acc` accumulation (output dtype: float64 for
     act f64, else `acc`). Straight-through derivative with respect to x (the dequantized map).
     impl "auto": the Pallas kernel where numlab.kernels.use_for says it runs and pays (a GPU), else
     this module's reference, which impl "reference" always runs."""
     check("impl", impl, IMPLS)
-    check("act", act, ACTS)
-    check("acc", acc, ACCS)
     if not isinstance(w, QTensor):
         raise TypeError(f"qmatvec weights must be a numlab.formats.QTensor, got {type(w).__name__}")
-    valid = acts_for(w.fmt)
-    if act not in valid:
-        raise ValueError(f"act {act!r} does not apply to {w.fmt} weights; "
-                         f"valid for {w.fmt}: {', '.join(valid)}")
+    check_modes(w.fmt, act, acc)
     x = jnp.asarray(x)
     if x.ndim < 1 or x.shape[-1] != w.shape[1]:
         raise ValueError(f"qmatvec: x of shape {x.shape} must end in cols={w.shape[1]} of the {w.fmt} "
