@@ -56,16 +56,19 @@ INT_ACT = {"q4_k": "q8_k", "q5_k": "q8_k", "q6_k": "q8_k", "q8_0": "q8_0"}
 FMTS = ("q4_k", "q5_k", "q6_k", "q8_0")
 # (fmt, act, tokens, Config): each format through one token (float and integer paths), integer dot
 # tiles and several tokens in its CPU integer mode; float dot tiles and bf16 multi-token tiles on two
-# formats each; column splits and unrolling on the way.
+# formats each; column splits and unrolling on the way. q4_k / q5_k integer modes below 16 tokens read
+# 32-bit words with byte dot products; the byte path they replace (words=False) is checked on q4_k.
 CASES = ([(f, "f32", 1, qm.Config(rows=8, tokens=1, ksplit=2)) for f in FMTS]
          + [(f, "q8_1", 1, qm.Config(rows=16, tokens=1, unroll=2)) for f in FMTS]
          + [(f, "q8_1", 17, qm.Config(rows=16, tokens=16, ksplit=2)) for f in FMTS]
          + [(f, INT_ACT[f], 2, qm.Config(rows=16, tokens=2)) for f in FMTS]
          + [(f, "f32", 17, qm.Config(rows=16, tokens=16)) for f in ("q4_k", "q6_k")]
-         + [(f, "bf16", 3, qm.Config(rows=16, tokens=4, unroll=2)) for f in ("q5_k", "q8_0")])
+         + [(f, "bf16", 3, qm.Config(rows=16, tokens=4, unroll=2)) for f in ("q5_k", "q8_0")]
+         + [("q4_k", a, 1, qm.Config(rows=16, tokens=1, words=False)) for a in ("q8_1", "q8_k")])
 
 
-@pytest.mark.parametrize("fmt,act,n,cfg", CASES, ids=[f"{f}-{a}-{n}" for f, a, n, _ in CASES])
+@pytest.mark.parametrize("fmt,act,n,cfg", CASES,
+                         ids=[f"{f}-{a}-{n}{'' if c.words else '-bytes'}" for f, a, n, c in CASES])
 def test_kernel_equals_reference(fmt, act, n, cfg):
     rng = _rng(fmt, act, n)
     w = _weights(rng, fmt, (32, 512))

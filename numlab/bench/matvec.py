@@ -299,19 +299,17 @@ def _brief(e: dict) -> str:
             f"({c['of_copy_bandwidth']:.2f} of copy), {c['tflop_per_s']:.2f} TFLOP/s{ggml}{check}")
 
 
-def _cfg(rows, tokens=1, ksplit=1, unroll=1, warps=4, stages=3, dot="f32", lane_runs=0):
+def _cfg(rows, tokens=1, ksplit=1, unroll=1, warps=4, stages=3, dot="f32", lane_runs=0, words=True):
     return qm.Config(rows=rows, tokens=tokens, ksplit=ksplit, unroll=unroll, num_warps=warps,
-                     num_stages=stages, dot=dot, lane_runs=lane_runs)
+                     num_stages=stages, dot=dot, lane_runs=lane_runs, words=words)
 
 
 # Variants, the expected best first (a run out of time keeps the first ones).
-ONE_TOKEN = [_cfg(32, ksplit=4, warps=8), _cfg(32, ksplit=8, warps=8), _cfg(64, ksplit=2, warps=16),
-             _cfg(32, ksplit=2, warps=8), _cfg(64, ksplit=4, warps=8), _cfg(16, ksplit=8, warps=8),
-             _cfg(32, ksplit=4, warps=8, stages=2), _cfg(32, ksplit=4, warps=8, stages=4),
-             _cfg(32, ksplit=4, unroll=2, warps=8), _cfg(16, ksplit=4, warps=4), _cfg(32, ksplit=1, warps=8)]
-FEW_TOKENS_INT = [_cfg(64, tokens=16, ksplit=2, warps=4), _cfg(64, tokens=16, ksplit=4, warps=4),
-                  _cfg(32, tokens=16, ksplit=4, warps=4), _cfg(64, tokens=16, ksplit=4, warps=8),
-                  _cfg(32, tokens=8, ksplit=4, warps=8)]
+ONE_TOKEN = [_cfg(16, ksplit=4), _cfg(32, ksplit=8), _cfg(16, ksplit=8), _cfg(32, ksplit=4),
+             _cfg(16, ksplit=4, unroll=2), _cfg(8, ksplit=4), _cfg(16, ksplit=4, warps=2), _cfg(64, ksplit=8),
+             _cfg(32, ksplit=4, warps=8), _cfg(16, ksplit=8, words=False), _cfg(32, ksplit=8, stages=1)]
+FEW_TOKENS_INT = [_cfg(32, tokens=8, ksplit=8), _cfg(32, tokens=8, ksplit=4), _cfg(64, tokens=16, ksplit=4),
+                  _cfg(16, tokens=8, ksplit=8, warps=2), _cfg(64, tokens=16, ksplit=2)]
 FEW_TOKENS_FLOAT = [_cfg(32, tokens=8, ksplit=4, warps=8), _cfg(32, tokens=8, ksplit=8, warps=8),
                     _cfg(16, tokens=8, ksplit=4, warps=4), _cfg(32, tokens=16, ksplit=4, warps=4)]
 MANY_TOKENS_INT = [_cfg(128, tokens=64, warps=8), _cfg(64, tokens=32, warps=4), _cfg(128, tokens=32, warps=8),
@@ -325,7 +323,7 @@ def default_cases():
     big = (4096, 14336)
     cases = [(Case("q4_k", *big, 1, act), ONE_TOKEN) for act in ("q8_1", "f32")]
     cases.append((Case("q4_k", *big, 1, "q8_k"), ONE_TOKEN[:3]))
-    two_byte = ONE_TOKEN[:3] + [_cfg(32, ksplit=4, warps=8, lane_runs=1), _cfg(64, ksplit=4, warps=8)]
+    two_byte = ONE_TOKEN[:4] + [_cfg(32, ksplit=4, lane_runs=1), _cfg(64, ksplit=4)]
     cases += [(Case(fmt, *big, 1, act), two_byte) for fmt in ("q6_k", "q8_0") for act in ("q8_1", "f32")]
     cases += [(Case("q4_k", *big, 8, "q8_1"), FEW_TOKENS_INT), (Case("q4_k", *big, 8, "f32"), FEW_TOKENS_FLOAT),
               (Case("q4_k", *big, 512, "q8_1"), MANY_TOKENS_INT), (Case("q4_k", *big, 512, "f32"), MANY_TOKENS_FLOAT)]

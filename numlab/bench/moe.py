@@ -142,8 +142,8 @@ def _cfg(rows, tokens=1, ksplit=1, warps=4):
 
 
 def default_cases():
-    one = [_cfg(32, ksplit=2, warps=8), _cfg(32, warps=8), _cfg(64, warps=16), _cfg(16, ksplit=2)]
-    few_int = [_cfg(64, tokens=16), _cfg(32, tokens=16), _cfg(32, tokens=4, warps=8)]
+    one = [_cfg(16, ksplit=4), _cfg(16, ksplit=2), _cfg(32, ksplit=2, warps=8), _cfg(8, ksplit=4)]
+    few_int = [_cfg(32, tokens=4, ksplit=2), _cfg(32, tokens=8, ksplit=2), _cfg(64, tokens=16), _cfg(16, tokens=4, ksplit=4)]
     many_int = [_cfg(64, tokens=16), _cfg(64, tokens=32), _cfg(128, tokens=16, warps=8)]
     few_float = [_cfg(32, tokens=4, warps=8), _cfg(32, tokens=8, warps=8)]
     many_float = [_cfg(64, tokens=16, warps=8), _cfg(32, tokens=8, warps=8)]
@@ -164,7 +164,7 @@ def run(cases=None, repeats: int = 10, budget_s: float = 90.0, seed: int = 0, co
               for i, (c, cfgs) in enumerate(cases or default_cases())]
     results = mv.run_sweeps(sweeps, start + 0.8 * budget_s)
     ffn = [ffn_sweep(n, act, cfg, jax.random.PRNGKey(seed * 1000 + 500 + n), repeats, start + budget_s - 15, log)
-           for n, act, cfg in ((1, "q8_1", _cfg(32, ksplit=2, warps=8)), (64, "q8_1", _cfg(64, tokens=16)),
+           for n, act, cfg in ((1, "q8_1", _cfg(16, ksplit=4)), (64, "q8_1", _cfg(32, tokens=4, ksplit=2)),
                                (256, "q8_1", _cfg(64, tokens=16)))] if cases is None else []
     return {"device": dev.device_kind, "platform": dev.platform, "jax_version": jax.__version__,
             "copy_bandwidth_bytes_per_s": copy_bw, "repeats": repeats, "check_rtol": mv.CHECK_RTOL,

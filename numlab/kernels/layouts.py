@@ -20,6 +20,8 @@ PARTS = 2
 GROUPS_PER_PART = GROUPS // PARTS
 CHUNK_BYTES = {"q4_k": 144, "q5_k": 176, "q6_k": 210, "q8_0": 272}
 _BIAS = {"q4_k": 0, "q5_k": 0, "q6_k": 32, "q8_0": 128}   # level + bias >= 0
+WORD_FORMATS = ("q4_k", "q5_k")                          # blocks a whole number of 32-bit words
+_QS_WORD = {"q4_k": 4, "q5_k": 12}                       # first code word of a block (q5_k: after qh)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -224,3 +226,31 @@ def dequantized(fmt: str, grp: Groups):
     if grp.dmin is not None:
         w = w - grp.dmin * grp.imin.astype(jnp.float32)
     return w
+
+
+def _f16_bits(bits):
+    """int32 holding fp16 bits in its low 16 -> float32 (exact)."""
+    return lax.bitcast_convert_type((bits & 0xFFFF).astype(jnp.uint16), jnp.float16).astype(jnp.float32)
+
+
+def word_groups(fmt: str, ref, wb, c4, m8) -> list:
+    """[Groups] of the low (groups 2c) and high (2c + 1) nibbles of the q4_k / q5_k super-blocks
+    starting at word offsets wb int32 [R, 1, 1] of the int32 ref: codes int32 [R, 4, 8] are code words
+    (byte j of word (c, m): value 4m + j of its group, one level 0..31 per byte), isc / imin int32
+    [R, 4, 1], d / dmin float32 [R, 1, 1]; c4 [1, 4, 1] and m8 [1, 1, 8] index runs and words."""
+    head = [ref[wb + k] for k in range(4)]                 # d | dmin, then the 12 scale bytes
+    qh = ref[wb + 4 + m8] if fmt == "q5_k" else None       # [R, 1, 8]: bit g of byte i: value (g, i)
+    qs = ref[wb + _QS_WORD[fmt] + 8 * c4 + m8]              # code words last: see decode
+    d, dmin = _f16_bits(head[0]), _f16_bits(head[0] >> 16)
+    out = []
+    for part in range(PARTS):
+        g = 2 * c4 + part
+        sh = 8 * (g % 4)
+        high = g >= 4
+        sc = jnp.where(high, ((head[3] >> sh) & 15) | (((head[1] >> (sh + 6)) & 3) << 4), (head[1] >> sh) & 63)
+        mn = jnp.where(high, ((head[3] >> (sh + 4)) & 15) | (((head[2] >> (sh + 6)) & 3) << 4), (head[2] >> sh) & 63)
+        codes = (qs >> (4 * part)) & 0x0F0F0F0F
+        if qh is not None:
+            codes = codes | (((qh >> g) & 0x01010101) << 4)
+        out.append(Groups(codes, 1, g, d, sc, None, dmin, mn, None))
+    return out

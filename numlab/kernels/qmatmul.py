@@ -10,7 +10,9 @@ float rounding; the dequantized weights are bit-identical):
 - f32 / bf16 / f16: x rounded to that dtype (outside the kernel), float32 products and sums with the
   exactly dequantized weights. One token per tile: elementwise multiply-adds; 16 or more: a dot (`Config.dot`).
 - q8_1 / q8_0 / q8_k: x quantized by numlab's codec outside the kernel; exact int32 dots of codes per
-  group of 32 (tensor-core int8 dots for 16 or more tokens), then the reference's float scaling.
+  group of 32 (tensor-core int8 dots for 16 or more tokens), then the reference's float scaling. For
+  fewer than 16 tokens on q4_k / q5_k (`Config.words`), the weights are read as 32-bit words and the
+  codes multiplied four at a time by the GPU's byte dot product (dp4a), as llama.cpp's MMVQ does.
 Accumulation is float32.
 """
 import dataclasses
@@ -23,6 +25,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 import numlab.formats as formats
+from numlab.formats._common import f16_value
+from numlab.formats.q8_0 import scale_and_codes
 from numlab.kernels import layouts
 from numlab.kernels.layouts import CHUNK, GROUP, GROUPS
 from numlab.ops.precision import rounded
@@ -45,7 +49,8 @@ class Config:
     chunks of 256 columns per loop iteration; Triton's num_warps and num_stages; dot: the float dot
     for tokens >= 16 (f32 exact products, tf32x3 / bf16x6 split products on tensor cores); lane_runs:
     the value layout of the multiply-add paths (layouts.Lanes: 1 or 16; 0 picks 16 for the 2-byte
-    aligned q6_k and q8_0, 1 otherwise)."""
+    aligned q6_k and q8_0, 1 otherwise); words: fewer than 16 tokens in an integer mode on q4_k / q5_k
+    read 32-bit words and use byte dot products (layouts.WORD_FORMATS), else bytes and float multiply-adds."""
 
     rows: int = 16
     tokens: int = 1
@@ -55,6 +60,7 @@ class Config:
     num_stages: int = 3
     dot: str = "f32"
     lane_runs: int = 0
+    words: bool = True
 
     def check(self):
         for name in ("rows", "tokens"):
@@ -106,17 +112,22 @@ def fit(cfg: Config, rows: int, cols: int) -> Config:
 
 def prepare(x, act: str):
     """Activation rows x float [P, K] -> the kernel's inputs for `act`: (x rounded, float32) for
-    float modes; for integer modes, from numlab's codec (the reference's codes): codes int8 [P, K],
+    float modes; for integer modes the reference's codes from numlab's codec: codes int8 [P, K],
     scales float32 [P, K / 32] (q8_k: [P, K / 256]) and the sums of codes per 32 as int32 (q8_k) or
     times their scale, float32 (q8_1, q8_0: the factor of a group's min term). Every bf16/f16 value
-    (x here, the fp16 scales of q8_1 and q8_0 in the codec) is read back from its bits (`low_value`)."""
+    (x here, the fp16 scales of q8_1 and q8_0) is read back from its bits (`low_value`). q8_1 and q8_0
+    take the codec's scale and codes before its byte packing (one pass fewer than its bytes)."""
     if act in FLOAT_ACTS:
         return (rounded(x, act),)
-    u = formats.unpack(formats.quantize(x.astype(jnp.float32), act), act)
-    q = u.q.reshape(x.shape[0], -1)
-    d = u.d.reshape(x.shape[0], -1)
-    sums = q.reshape(x.shape[0], -1, GROUP).sum(-1).astype(jnp.int32)
-    return q.astype(jnp.int8), d, sums if act == "q8_k" else d * sums.astype(jnp.float32)
+    x = x.astype(jnp.float32)
+    if act in ("q8_1", "q8_0"):
+        d, q = scale_and_codes(x.reshape(x.shape[0], -1, GROUP))
+        d = f16_value(d.astype(jnp.float16))
+    else:
+        u = formats.unpack(formats.quantize(x, act), act)
+        q, d = u.q, u.d.reshape(x.shape[0], -1)
+    sums = q.reshape(x.shape[0], -1, GROUP).astype(jnp.int32).sum(-1)
+    return q.reshape(x.shape[0], -1).astype(jnp.int8), d, sums if act == "q8_k" else d * sums.astype(jnp.float32)
 
 
 def qmatmul(data, fmt: str, shape, xs, tile_expert, act: str, cfg: Config, interpret: bool = False):
@@ -130,10 +141,14 @@ def qmatmul(data, fmt: str, shape, xs, tile_expert, act: str, cfg: Config, inter
         raise ValueError(f"qmatmul: activations {xs[0].shape} must be [tiles * tokens, cols] = "
                          f"[{n_tiles} * {cfg.tokens}, {cols}] for {cfg} (fitted to [{rows}, {cols}])")
     row_bytes = formats.row_bytes(fmt, cols)
-    if act not in FLOAT_ACTS and cfg.tokens < MIN_DOT:
+    data = data.reshape(-1)
+    if uses_words(fmt, act, cfg):                             # weights and x codes as 32-bit words
+        data = lax.bitcast_convert_type(data.reshape(-1, 4), jnp.int32)
+        xs = (lax.bitcast_convert_type(xs[0].reshape(xs[0].shape[0], -1, 4), jnp.int32),) + tuple(xs[1:])
+    elif act not in FLOAT_ACTS and cfg.tokens < MIN_DOT:
         xs = (xs[0].astype(jnp.float32),) + tuple(xs[1:])     # the multiply-add path takes float codes
     dims = dict(cols=cols, row_bytes=row_bytes, expert_bytes=rows * row_bytes)
-    kernel = functools.partial(_kernel, fmt=fmt, act=act, cfg=cfg, **dims)
+    kernel = functools.partial(_kernel, fmt=fmt, act=act, cfg=cfg, interpret=interpret, **dims)
     out = pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct((cfg.ksplit, n_tiles * cfg.tokens, rows), jnp.float32),
@@ -143,8 +158,13 @@ def qmatmul(data, fmt: str, shape, xs, tile_expert, act: str, cfg: Config, inter
         compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
         interpret=interpret,
         name=f"qmatmul_{fmt}_{act}",
-    )(tile_expert.astype(jnp.int32), data.reshape(-1), *(a.reshape(-1) for a in xs))
+    )(tile_expert.astype(jnp.int32), data, *(a.reshape(-1) for a in xs))
     return out[0] if cfg.ksplit == 1 else jnp.sum(out, axis=0)
+
+
+def uses_words(fmt: str, act: str, cfg: Config) -> bool:
+    """Whether the kernel for (fmt, act, cfg) reads 32-bit words with byte dot products (_int_words)."""
+    return cfg.words and act in ("q8_1", "q8_k") and fmt in layouts.WORD_FORMATS and cfg.tokens < MIN_DOT
 
 
 def _iota(shape, dim=0):
@@ -156,7 +176,7 @@ def _drop(a):
     return a.reshape(a.shape[:-1])
 
 
-def _kernel(te_ref, w_ref, *refs, fmt, act, cfg, cols, row_bytes, expert_bytes):
+def _kernel(te_ref, w_ref, *refs, fmt, act, cfg, interpret, cols, row_bytes, expert_bytes):
     *x_refs, o_ref = refs
     t_id, r_id, k_id = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     e = te_ref[t_id]
@@ -169,6 +189,8 @@ def _kernel(te_ref, w_ref, *refs, fmt, act, cfg, cols, row_bytes, expert_bytes):
         base = e * expert_bytes + rows * row_bytes
         if act in FLOAT_ACTS:
             make = _float_fma if cfg.tokens < MIN_DOT else _float_dot
+        elif uses_words(fmt, act, cfg):
+            make = functools.partial(_int_words, act=act, interpret=interpret)
         else:
             make = functools.partial(_int_fma if cfg.tokens < MIN_DOT else _int_dot, act=act)
         step, acc, store = make(fmt, cfg, cols)
@@ -368,3 +390,52 @@ def _int_dot(fmt, cfg, cols, act):
         o_ref[...] = acc.T
 
     return step, jnp.zeros((cfg.rows, cfg.tokens), jnp.float32), store
+
+
+def _dp4a(a, b, interpret: bool):
+    """int32 sum of the four byte products of a (unsigned bytes below 128) and b (signed bytes), per
+    element: PTX dp4a on the GPU, shifts and multiplies in Pallas' interpreter."""
+    b = jnp.broadcast_to(b, a.shape)
+    if interpret:
+        return sum(((a >> (8 * j)) & 255) * ((b << (24 - 8 * j)) >> 24) for j in range(4))
+    (out,) = plgpu.elementwise_inline_asm("dp4a.s32.s32 $0, $1, $2, 0;", args=[a, b], constraints="=r,r,r",
+                                          pack=1, result_shape_dtypes=[jax.ShapeDtypeStruct(a.shape, jnp.int32)])
+    return out
+
+
+def _int_words(fmt, cfg, cols, act, interpret):
+    """Fewer than 16 tokens, integer modes, q4_k / q5_k read as 32-bit words: per super-block and row,
+    the 32 code words [R, 4 runs, 8] give with x's code words the dots of groups 2c (low nibbles) and
+    2c + 1 (high nibbles) four codes per dp4a; then the reference's scaling (as _int_fma's)."""
+    n_x32, n_w = cols // GROUP, cols // 4
+    c4 = _iota((1, 4, 1), 1)
+    m8 = _iota((1, 1, 8), 2)
+
+    def step(w_ref, x_refs, base, c, t0, acc):
+        xq_ref, dx_ref = x_refs[:2]
+        toks = range(cfg.tokens)
+        xw = [[xq_ref[(t0 + t) * n_w + c * (CHUNK // 4) + 16 * c4 + 8 * part + m8] for part in PARTS]
+              for t in toks]                                                       # x first: see _kernel
+        x32 = [[(t0 + t) * n_x32 + c * GROUPS + 2 * c4 + part for part in PARTS] for t in toks]
+        dxs = [[dx_ref[i] for i in row] for row in x32] if act == "q8_1" else None
+        mxs = [[x_refs[2][i] for i in row] for row in x32]
+        wb = (base >> 2)[:, None, None]
+        groups = layouts.word_groups(fmt, w_ref, wb, c4, m8)
+        acc, bm = list(acc), [0] * cfg.tokens
+        bi = [0] * cfg.tokens
+        for t in toks:
+            for p, grp in enumerate(groups):
+                dots = jnp.sum(_dp4a(grp.codes, xw[t][p], interpret), axis=2, keepdims=True, dtype=jnp.int32)
+                if act == "q8_k":
+                    bi[t] = bi[t] + jnp.sum(grp.isc * dots, axis=(1, 2), dtype=jnp.int32)
+                    bm[t] = bm[t] + jnp.sum(grp.imin * mxs[t][p], axis=(1, 2), dtype=jnp.int32)
+                else:
+                    bi[t] = bi[t] + jnp.sum(dxs[t][p] * _small_int_f32(grp.isc * dots), axis=(1, 2))
+                    bm[t] = bm[t] + jnp.sum(_small_int_f32(grp.imin) * mxs[t][p], axis=(1, 2))
+        d, dmin = groups[0].d.reshape(cfg.rows), groups[0].dmin.reshape(cfg.rows)
+        return tuple(a + _chunk_scale(act, d, dmin, bi[t], bm[t],
+                                      dx_ref[(t0 + t) * (cols // CHUNK) + c] if act == "q8_k" else None)
+                     for t, a in enumerate(acc))
+
+    zeros = tuple(jnp.zeros((cfg.rows,), jnp.float32) for _ in range(cfg.tokens))
+    return step, zeros, _store_rows

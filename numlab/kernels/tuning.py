@@ -7,10 +7,11 @@ sm_90), to be replaced by the fastest variants of scripts/device_kernels.sh on a
 tiles cost about one multiply-add per product. Column splits keep about four programs per
 multiprocessor so that enough loads are in flight.
 """
+from numlab.kernels.layouts import WORD_FORMATS
 from numlab.kernels.qmatmul import CHUNK, FLOAT_ACTS, MIN_DOT, Config
 
 SMS = 132          # H100 SXM multiprocessors
-WAVES = 4          # programs per multiprocessor to aim for
+WAVES = 4          # programs per multiprocessor to aim for (8 for one token: 4-warp programs)
 
 
 def _pow2_at_least(n: int) -> int:
@@ -18,14 +19,20 @@ def _pow2_at_least(n: int) -> int:
 
 
 def config_for(fmt: str, act: str, n_tokens: int, rows: int | None = None, cols: int | None = None) -> Config:
-    """A Config for n_tokens activation rows against a [rows, cols] matrix of format fmt."""
-    del fmt
+    """A Config for n_tokens activation rows against a [rows, cols] matrix of format fmt. One token:
+    4 warps (faster than 8 for every format on the H100, results/bench/matvec.json), 16 rows for
+    integer modes, 32 for float; integer modes on the word formats keep byte dot products up to 8
+    tokens (in MUL_MAT_ID tiles of a few tokens they beat padded dot tiles)."""
+    waves = WAVES
     if n_tokens <= 1:
-        cfg = Config(rows=32, tokens=1, num_warps=8)
+        cfg = Config(rows=32 if act in FLOAT_ACTS else 16, tokens=1, num_warps=4)
+        waves = 2 * WAVES
     elif act in FLOAT_ACTS and n_tokens <= 8:
         cfg = Config(rows=32, tokens=_pow2_at_least(n_tokens), num_warps=8)
     elif act in FLOAT_ACTS:
         cfg = Config(rows=64, tokens=32, num_warps=8)
+    elif n_tokens <= 8 and fmt in WORD_FORMATS:
+        cfg = Config(rows=32, tokens=_pow2_at_least(n_tokens), num_warps=4)
     elif n_tokens <= MIN_DOT:
         cfg = Config(rows=64, tokens=MIN_DOT, num_warps=4)
     elif n_tokens <= 256:
@@ -35,7 +42,7 @@ def config_for(fmt: str, act: str, n_tokens: int, rows: int | None = None, cols:
     if rows is None or cols is None:
         return cfg
     programs = max(1, rows // cfg.rows) * max(1, -(-n_tokens // cfg.tokens))
-    ksplit = max(1, min(cols // CHUNK // 2, -(-SMS * WAVES // programs)))
+    ksplit = max(1, min(cols // CHUNK // 2, -(-SMS * waves // programs)))
     return Config(rows=cfg.rows, tokens=cfg.tokens, ksplit=ksplit, num_warps=cfg.num_warps)
 
 
