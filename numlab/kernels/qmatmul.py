@@ -421,8 +421,7 @@ def _int_words(fmt, cfg, cols, act, interpret):
         mxs = [[x_refs[2][i] for i in row] for row in x32]
         wb = (base >> 2)[:, None, None]
         groups = layouts.word_groups(fmt, w_ref, wb, c4, m8)
-        acc, bm = list(acc), [0] * cfg.tokens
-        bi = [0] * cfg.tokens
+        bi, bm = [0] * cfg.tokens, [0] * cfg.tokens
         for t in toks:
             for p, grp in enumerate(groups):
                 dots = jnp.sum(_dp4a(grp.codes, xw[t][p], interpret), axis=2, keepdims=True, dtype=jnp.int32)
