@@ -57,18 +57,24 @@ FMTS = ("q4_k", "q5_k", "q6_k", "q8_0")
 # (fmt, act, tokens, Config): each format through one token (float and integer paths), integer dot
 # tiles and several tokens in its CPU integer mode; float dot tiles and bf16 multi-token tiles on two
 # formats each; column splits and unrolling on the way. q4_k / q5_k integer modes below 16 tokens read
-# 32-bit words with byte dot products; the byte path they replace (words=False) is checked on q4_k.
+# 32-bit words with byte dot products; the byte path they replace (words=False) is checked on q4_k,
+# loading a chunk ahead (prefetch) on q4_k and q5_k.
 CASES = ([(f, "f32", 1, qm.Config(rows=8, tokens=1, ksplit=2)) for f in FMTS]
          + [(f, "q8_1", 1, qm.Config(rows=16, tokens=1, unroll=2)) for f in FMTS]
          + [(f, "q8_1", 17, qm.Config(rows=16, tokens=16, ksplit=2)) for f in FMTS]
          + [(f, INT_ACT[f], 2, qm.Config(rows=16, tokens=2)) for f in FMTS]
          + [(f, "f32", 17, qm.Config(rows=16, tokens=16)) for f in ("q4_k", "q6_k")]
          + [(f, "bf16", 3, qm.Config(rows=16, tokens=4, unroll=2)) for f in ("q5_k", "q8_0")]
-         + [("q4_k", a, 1, qm.Config(rows=16, tokens=1, words=False)) for a in ("q8_1", "q8_k")])
+         + [("q4_k", a, 1, qm.Config(rows=16, tokens=1, words=False)) for a in ("q8_1", "q8_k")]
+         + [(f, a, n, qm.Config(rows=16, tokens=n, prefetch=True)) for f, a, n in (("q4_k", "q8_1", 1),
+                                                                                 ("q5_k", "q8_k", 2))])
 
 
-@pytest.mark.parametrize("fmt,act,n,cfg", CASES,
-                         ids=[f"{f}-{a}-{n}{'' if c.words else '-bytes'}" for f, a, n, c in CASES])
+def _case_id(fmt, act, n, cfg):
+    return f"{fmt}-{act}-{n}" + ("" if cfg.words else "-bytes") + ("-prefetch" if cfg.prefetch else "")
+
+
+@pytest.mark.parametrize("fmt,act,n,cfg", CASES, ids=[_case_id(*case) for case in CASES])
 def test_kernel_equals_reference(fmt, act, n, cfg):
     rng = _rng(fmt, act, n)
     w = _weights(rng, fmt, (32, 512))
@@ -186,5 +192,7 @@ def test_errors_name_the_bad_value():
         qm.Config(rows=12).check()
     with pytest.raises(ValueError, match="dot"):
         qm.Config(dot="tf32").check()
+    with pytest.raises(ValueError, match="prefetch.*unroll=2"):
+        qm.Config(prefetch=True, unroll=2).check()
     assert not kernels.applies(QTensor.from_float(jnp.ones((4, 32)), "q8_0"), "f32", "f32")  # cols % 256
     assert not kernels.applies(w, "f32", "f64")

@@ -233,14 +233,21 @@ def _f16_bits(bits):
     return lax.bitcast_convert_type((bits & 0xFFFF).astype(jnp.uint16), jnp.float16).astype(jnp.float32)
 
 
-def word_groups(fmt: str, ref, wb, c4, m8) -> list:
-    """[Groups] of the low (groups 2c) and high (2c + 1) nibbles of the q4_k / q5_k super-blocks
-    starting at word offsets wb int32 [R, 1, 1] of the int32 ref: codes int32 [R, 4, 8] are code words
-    (byte j of word (c, m): value 4m + j of its group, one level 0..31 per byte), isc / imin int32
-    [R, 4, 1], d / dmin float32 [R, 1, 1]; c4 [1, 4, 1] and m8 [1, 1, 8] index runs and words."""
-    head = [ref[wb + k] for k in range(4)]                 # d | dmin, then the 12 scale bytes
-    qh = ref[wb + 4 + m8] if fmt == "q5_k" else None       # [R, 1, 8]: bit g of byte i: value (g, i)
-    qs = ref[wb + _QS_WORD[fmt] + 8 * c4 + m8]              # code words last: see decode
+def word_load(fmt: str, ref, wb, c4, m8):
+    """The words of the q4_k / q5_k super-blocks at word offsets wb int32 [R, 1, 1] of the int32 ref:
+    the four header words (d | dmin, the 12 scale bytes) [R, 1, 1] each, q5_k's fifth-bit words
+    [R, 1, 8] (else None) and the 32 code words [R, 4, 8] (c4 [1, 4, 1] and m8 [1, 1, 8] index runs
+    and words), loaded last: see decode."""
+    head = [ref[wb + k] for k in range(4)]
+    qh = ref[wb + 4 + m8] if fmt == "q5_k" else None
+    return head, qh, ref[wb + _QS_WORD[fmt] + 8 * c4 + m8]
+
+
+def word_groups(head, qh, qs, c4) -> list:
+    """[Groups] of the low (groups 2c) and high (2c + 1) nibbles of word_load's words: codes int32
+    [R, 4, 8] are code words (byte j of word (c, m): value 4m + j of its group, one level 0..31 per
+    byte; q5_k's fifth bit from bit g of qh's byte), isc / imin int32 [R, 4, 1], d / dmin float32
+    [R, 1, 1]."""
     d, dmin = _f16_bits(head[0]), _f16_bits(head[0] >> 16)
     out = []
     for part in range(PARTS):

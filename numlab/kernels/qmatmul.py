@@ -50,7 +50,9 @@ class Config:
     for tokens >= 16 (f32 exact products, tf32x3 / bf16x6 split products on tensor cores); lane_runs:
     the value layout of the multiply-add paths (layouts.Lanes: 1 or 16; 0 picks 16 for the 2-byte
     aligned q6_k and q8_0, 1 otherwise); words: fewer than 16 tokens in an integer mode on q4_k / q5_k
-    read 32-bit words and use byte dot products (layouts.WORD_FORMATS), else bytes and float multiply-adds."""
+    read 32-bit words and use byte dot products (layouts.WORD_FORMATS), else bytes and float multiply-adds;
+    prefetch: those word kernels load chunk c + 1 before the arithmetic of chunk c (one chunk per
+    iteration, unroll must be 1)."""
 
     rows: int = 16
     tokens: int = 1
@@ -61,6 +63,7 @@ class Config:
     dot: str = "f32"
     lane_runs: int = 0
     words: bool = True
+    prefetch: bool = False
 
     def check(self):
         for name in ("rows", "tokens"):
@@ -74,6 +77,8 @@ class Config:
             raise ValueError(f"Config.dot={self.dot!r}; valid: {', '.join(DOTS)}")
         if min(self.ksplit, self.unroll, self.num_warps, self.num_stages) < 1:
             raise ValueError(f"Config {self}: ksplit, unroll, num_warps, num_stages must be >= 1")
+        if self.prefetch and self.unroll > 1:
+            raise ValueError(f"Config.prefetch=True loads one chunk ahead: unroll={self.unroll} must be 1")
         if self.lane_runs not in (0, 1, 16):
             raise ValueError(f"Config.lane_runs={self.lane_runs}; valid: 0 (by format), 1, 16")
         return self
@@ -187,18 +192,32 @@ def _kernel(te_ref, w_ref, *refs, fmt, act, cfg, interpret, cols, row_bytes, exp
     def _():
         rows = r_id * cfg.rows + _iota((cfg.rows,))
         base = e * expert_bytes + rows * row_bytes
-        if act in FLOAT_ACTS:
-            make = _float_fma if cfg.tokens < MIN_DOT else _float_dot
-        elif uses_words(fmt, act, cfg):
-            make = functools.partial(_int_words, act=act, interpret=interpret)
+        def chunk(c):
+            """(byte offsets of chunk c of the tile's rows, c)."""
+            return base + c * layouts.CHUNK_BYTES[fmt], c
+
+        first = k_id * steps
+        if uses_words(fmt, act, cfg):
+            load, compute, acc, store = _int_words(fmt, cfg, cols, act, interpret)
+            if cfg.prefetch:                # chunk c + 1's loads are issued before chunk c's arithmetic
+                def ahead(it, carry):
+                    acc, loaded = carry
+                    return compute(loaded, acc), load(w_ref, x_refs, *chunk(first + it + 1), t0)
+
+                acc, loaded = lax.fori_loop(0, steps - 1, ahead, (acc, load(w_ref, x_refs, *chunk(first), t0)))
+                store(o_ref, compute(loaded, acc))
+                return
+
+            def step(w_ref, x_refs, b, c, t0, acc):
+                return compute(load(w_ref, x_refs, b, c, t0), acc)
+        elif act in FLOAT_ACTS:
+            step, acc, store = (_float_fma if cfg.tokens < MIN_DOT else _float_dot)(fmt, cfg, cols)
         else:
-            make = functools.partial(_int_fma if cfg.tokens < MIN_DOT else _int_dot, act=act)
-        step, acc, store = make(fmt, cfg, cols)
+            step, acc, store = (_int_fma if cfg.tokens < MIN_DOT else _int_dot)(fmt, cfg, cols, act=act)
 
         def body(it, acc):
             for u in range(cfg.unroll):
-                c = k_id * steps + it * cfg.unroll + u
-                acc = step(w_ref, x_refs, base + c * layouts.CHUNK_BYTES[fmt], c, t0, acc)
+                acc = step(w_ref, x_refs, *chunk(first + it * cfg.unroll + u), t0, acc)
             return acc
 
         store(o_ref, lax.fori_loop(0, steps // cfg.unroll, body, acc))
@@ -406,35 +425,42 @@ def _dp4a(a, b, interpret: bool):
 def _int_words(fmt, cfg, cols, act, interpret):
     """Fewer than 16 tokens, integer modes, q4_k / q5_k read as 32-bit words: per super-block and row,
     the 32 code words [R, 4 runs, 8] give with x's code words the dots of groups 2c (low nibbles) and
-    2c + 1 (high nibbles) four codes per dp4a; then the reference's scaling (as _int_fma's)."""
+    2c + 1 (high nibbles) four codes per dp4a; then the reference's scaling (as _int_fma's). Returns
+    (load, compute, accumulators, store): load(w_ref, x_refs, base, c, t0) reads chunk c's words and
+    x's, compute(loaded, acc) adds the chunk to the accumulators."""
     n_x32, n_w = cols // GROUP, cols // 4
     c4 = _iota((1, 4, 1), 1)
     m8 = _iota((1, 1, 8), 2)
+    toks = range(cfg.tokens)
 
-    def step(w_ref, x_refs, base, c, t0, acc):
+    def load(w_ref, x_refs, base, c, t0):
         xq_ref, dx_ref = x_refs[:2]
-        toks = range(cfg.tokens)
         xw = [[xq_ref[(t0 + t) * n_w + c * (CHUNK // 4) + 16 * c4 + 8 * part + m8] for part in PARTS]
               for t in toks]                                                       # x first: see _kernel
         x32 = [[(t0 + t) * n_x32 + c * GROUPS + 2 * c4 + part for part in PARTS] for t in toks]
-        dxs = [[dx_ref[i] for i in row] for row in x32] if act == "q8_1" else None
-        mxs = [[x_refs[2][i] for i in row] for row in x32]
-        wb = (base >> 2)[:, None, None]
-        groups = layouts.word_groups(fmt, w_ref, wb, c4, m8)
+        if act == "q8_k":
+            dx = [dx_ref[(t0 + t) * (cols // CHUNK) + c] for t in toks]
+        else:
+            dx = [[dx_ref[i] for i in row] for row in x32]
+        mx = [[x_refs[2][i] for i in row] for row in x32]
+        return xw, dx, mx, layouts.word_load(fmt, w_ref, (base >> 2)[:, None, None], c4, m8)
+
+    def compute(loaded, acc):
+        xw, dx, mx, words = loaded
+        groups = layouts.word_groups(*words, c4)
         bi, bm = [0] * cfg.tokens, [0] * cfg.tokens
         for t in toks:
             for p, grp in enumerate(groups):
                 dots = jnp.sum(_dp4a(grp.codes, xw[t][p], interpret), axis=2, keepdims=True, dtype=jnp.int32)
                 if act == "q8_k":
                     bi[t] = bi[t] + jnp.sum(grp.isc * dots, axis=(1, 2), dtype=jnp.int32)
-                    bm[t] = bm[t] + jnp.sum(grp.imin * mxs[t][p], axis=(1, 2), dtype=jnp.int32)
+                    bm[t] = bm[t] + jnp.sum(grp.imin * mx[t][p], axis=(1, 2), dtype=jnp.int32)
                 else:
-                    bi[t] = bi[t] + jnp.sum(dxs[t][p] * _small_int_f32(grp.isc * dots), axis=(1, 2))
-                    bm[t] = bm[t] + jnp.sum(_small_int_f32(grp.imin) * mxs[t][p], axis=(1, 2))
+                    bi[t] = bi[t] + jnp.sum(dx[t][p] * _small_int_f32(grp.isc * dots), axis=(1, 2))
+                    bm[t] = bm[t] + jnp.sum(_small_int_f32(grp.imin) * mx[t][p], axis=(1, 2))
         d, dmin = groups[0].d.reshape(cfg.rows), groups[0].dmin.reshape(cfg.rows)
-        return tuple(a + _chunk_scale(act, d, dmin, bi[t], bm[t],
-                                      dx_ref[(t0 + t) * (cols // CHUNK) + c] if act == "q8_k" else None)
+        return tuple(a + _chunk_scale(act, d, dmin, bi[t], bm[t], dx[t] if act == "q8_k" else None)
                      for t, a in enumerate(acc))
 
-    zeros = tuple(jnp.zeros((cfg.rows,), jnp.float32) for _ in range(cfg.tokens))
-    return step, zeros, _store_rows
+    zeros = tuple(jnp.zeros((cfg.rows,), jnp.float32) for _ in toks)
+    return load, compute, zeros, _store_rows

@@ -7,6 +7,8 @@ sm_90), to be replaced by the fastest variants of scripts/device_kernels.sh on a
 tiles cost about one multiply-add per product. Column splits keep about four programs per
 multiprocessor so that enough loads are in flight.
 """
+import dataclasses
+
 from numlab.kernels.layouts import WORD_FORMATS
 from numlab.kernels.qmatmul import CHUNK, FLOAT_ACTS, MIN_DOT, Config
 
@@ -23,10 +25,13 @@ def config_for(fmt: str, act: str, n_tokens: int, rows: int | None = None, cols:
     4 warps (faster than 8 for every format on the H100, results/bench/matvec.json), 16 rows for
     integer modes, 32 for float; integer modes on the word formats keep byte dot products up to 4
     tokens (MUL_MAT_ID at 4 tokens per expert: 209 us against 252 us for 16-token dot tiles; with 8
-    per expert, the 128-token prefill, the dot tiles were faster: 0.148 s against 0.161 s)."""
+    per expert, the 128-token prefill, the dot tiles were faster: 0.148 s against 0.161 s). One token on
+    the word formats loads a chunk ahead (results/bench/prefetch-h100.json: q4_k 4096×14336 kernel
+    17.4 us against 19.5 us; MUL_MAT_ID 5.8 against 5.6 us, within its spread)."""
     waves = WAVES
     if n_tokens <= 1:
-        cfg = Config(rows=32 if act in FLOAT_ACTS else 16, tokens=1, num_warps=4)
+        cfg = Config(rows=32 if act in FLOAT_ACTS else 16, tokens=1, num_warps=4,
+                     prefetch=act not in FLOAT_ACTS and fmt in WORD_FORMATS)
         waves = 2 * WAVES
     elif act in FLOAT_ACTS and n_tokens <= 8:
         cfg = Config(rows=32, tokens=_pow2_at_least(n_tokens), num_warps=8)
@@ -44,7 +49,7 @@ def config_for(fmt: str, act: str, n_tokens: int, rows: int | None = None, cols:
         return cfg
     programs = max(1, rows // cfg.rows) * max(1, -(-n_tokens // cfg.tokens))
     ksplit = max(1, min(cols // CHUNK // 2, -(-SMS * waves // programs)))
-    return Config(rows=cfg.rows, tokens=cfg.tokens, ksplit=ksplit, num_warps=cfg.num_warps)
+    return dataclasses.replace(cfg, ksplit=ksplit)
 
 
 def pays(act: str, n_tokens: int) -> bool:
