@@ -10,7 +10,6 @@ import importlib
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 
 QUANT_FORMATS = ("q4_k", "q5_k", "q6_k", "q8_k", "q8_0", "q8_1")

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from numlab.formats._common import Unpacked, div_rn, f32_bytes, f32_from_bytes, i16_bytes, i16_from_bytes
+from numlab.formats._common import Unpacked, div_rn, f32_bytes, f32_from_bytes, i16_bytes
 
 BLOCK_SIZE = 256
 TYPE_SIZE = 292
