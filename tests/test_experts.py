@@ -126,7 +126,8 @@ def test_bad_input_and_mode_are_errors(monkeypatch):
 @given(st.integers(1, 40), st.integers(1, 9), st.sampled_from([1, 2, 4, 16]), st.integers(0, 99))
 def test_group_by_expert_tiles(pairs, n_exp, tokens, seed):
     """Every pair gets its own slot; a tile holds one expert's pairs only; unused tiles are -1; the
-    tiles number at most pairs/tokens plus one partial tile per expert touched."""
+    tiles number at most pairs/tokens plus one partial tile per expert touched; tile_sources inverts
+    the slots (to_tiles' rows gathered by it, zeros elsewhere)."""
     expert = np.random.default_rng(seed).integers(0, n_exp, pairs)
     slot, tile_expert = (np.asarray(a) for a in experts.group_by_expert(jnp.asarray(expert), n_exp, tokens))
     assert len(set(slot.tolist())) == pairs
@@ -135,3 +136,8 @@ def test_group_by_expert_tiles(pairs, n_exp, tokens, seed):
     used[slot // tokens] = True
     assert np.all(tile_expert[~used] == -1)
     assert used.sum() <= pairs // tokens + len(set(expert.tolist()))
+    src = np.asarray(experts.tile_sources(jnp.asarray(slot), len(tile_expert) * tokens))
+    rows = np.random.default_rng(seed).standard_normal((pairs, 3)).astype(np.float32)
+    tiled = np.asarray(experts.to_tiles(jnp.asarray(rows), jnp.asarray(slot), len(src)))
+    np.testing.assert_array_equal(src[slot], np.arange(pairs))
+    np.testing.assert_array_equal(tiled, np.where(src[:, None] >= 0, rows[np.maximum(src, 0)], 0))

@@ -58,7 +58,8 @@ FMTS = ("q4_k", "q5_k", "q6_k", "q8_0")
 # tiles and several tokens in its CPU integer mode; float dot tiles and bf16 multi-token tiles on two
 # formats each; column splits and unrolling on the way. q4_k / q5_k integer modes below 16 tokens read
 # 32-bit words with byte dot products; the byte path they replace (words=False) is checked on q4_k,
-# loading a chunk ahead (prefetch) on q4_k and q5_k.
+# loading a chunk ahead (prefetch) on q4_k and q5_k; q8_1 / q8_0 activations quantized by XLA
+# (x_kernel=False) rather than quantize_x's kernel on two.
 CASES = ([(f, "f32", 1, qm.Config(rows=8, tokens=1, ksplit=2)) for f in FMTS]
          + [(f, "q8_1", 1, qm.Config(rows=16, tokens=1, unroll=2)) for f in FMTS]
          + [(f, "q8_1", 17, qm.Config(rows=16, tokens=16, ksplit=2)) for f in FMTS]
@@ -67,11 +68,14 @@ CASES = ([(f, "f32", 1, qm.Config(rows=8, tokens=1, ksplit=2)) for f in FMTS]
          + [(f, "bf16", 3, qm.Config(rows=16, tokens=4, unroll=2)) for f in ("q5_k", "q8_0")]
          + [("q4_k", a, 1, qm.Config(rows=16, tokens=1, words=False)) for a in ("q8_1", "q8_k")]
          + [(f, a, n, qm.Config(rows=16, tokens=n, prefetch=True)) for f, a, n in (("q4_k", "q8_1", 1),
-                                                                                 ("q5_k", "q8_k", 2))])
+                                                                                 ("q5_k", "q8_k", 2))]
+         + [(f, a, n, qm.Config(rows=16, tokens=n, x_kernel=False)) for f, a, n in (("q4_k", "q8_1", 1),
+                                                                                  ("q8_0", "q8_0", 2))])
 
 
 def _case_id(fmt, act, n, cfg):
-    return f"{fmt}-{act}-{n}" + ("" if cfg.words else "-bytes") + ("-prefetch" if cfg.prefetch else "")
+    return (f"{fmt}-{act}-{n}" + ("" if cfg.words else "-bytes") + ("-prefetch" if cfg.prefetch else "")
+            + ("" if cfg.x_kernel else "-xla-quantized"))
 
 
 @pytest.mark.parametrize("fmt,act,n,cfg", CASES, ids=[_case_id(*case) for case in CASES])

@@ -181,7 +181,7 @@ def kernel_product(case: Case, cfg: qm.Config):
     def product(w, x):
         n_tiles = -(-case.n // cfg.tokens)
         xp = jnp.pad(x, ((0, n_tiles * cfg.tokens - case.n), (0, 0)))
-        y = qm.qmatmul(w.data[None], w.fmt, w.shape, qm.prepare(xp, case.act), jnp.zeros((n_tiles,), jnp.int32),
+        y = qm.qmatmul(w.data[None], w.fmt, w.shape, xp, jnp.zeros((n_tiles,), jnp.int32),
                        case.act, cfg, interpret)
         return y[:case.n]
     return jax.jit(product)

@@ -1,9 +1,10 @@
 """A MoE layer's expert products with the tokens grouped by expert: no Python loop over experts.
 
 The P (token, expert) pairs are sorted by expert and laid out in tiles of `tokens` rows, each tile
-holding pairs of one expert only (numlab.ops.experts.group_by_expert), so one kernel launch per
-projection multiplies every tile by its expert's quantized weights and a prompt costs what the
-distinct experts it touches cost. Results are numlab.ops.expert_qmatvec's (to float rounding).
+holding pairs of one expert only (numlab.ops.experts.group_by_expert; the rows gathered as the
+activations are prepared), so one kernel launch per projection multiplies every tile by its expert's
+quantized weights and a prompt costs what the distinct experts it touches cost. Results are
+numlab.ops.expert_qmatvec's (to float rounding).
 """
 import functools
 
@@ -14,7 +15,7 @@ import jax.numpy as jnp
 from numlab.formats import QTensor
 from numlab.kernels import qmatmul as qm
 from numlab.kernels import tuning
-from numlab.ops.experts import check_experts, dequantized_experts, from_tiles, group_by_expert, to_tiles
+from numlab.ops.experts import check_experts, dequantized_experts, from_tiles, group_by_expert, tile_sources
 
 _HI = jax.lax.Precision.HIGHEST
 
@@ -83,8 +84,9 @@ def _vmappable(act, config, interpret):
 def _apply(act, config, interpret, w: QTensor, x, expert):
     cfg = tile_config(w, act, x.shape[0], config)
     slot, tile_expert = group_by_expert(expert, w.data.shape[0], cfg.tokens)
-    xs = to_tiles(x.astype(jnp.float32), slot, tile_expert.shape[0] * cfg.tokens)
-    y = qm.qmatmul(w.data, w.fmt, w.shape, qm.prepare(xs, act), tile_expert, act, cfg, interpret)
+    n_rows = tile_expert.shape[0] * cfg.tokens
+    src = None if n_rows == x.shape[0] else tile_sources(slot, n_rows)
+    y = qm.qmatmul(w.data, w.fmt, w.shape, x.astype(jnp.float32), tile_expert, act, cfg, interpret, src)
     return from_tiles(y, slot)
 
 

@@ -9,8 +9,9 @@ Activation modes, with the arithmetic of numlab.ops.qmatvec's reference (the sam
 float rounding; the dequantized weights are bit-identical):
 - f32 / bf16 / f16: x rounded to that dtype (outside the kernel), float32 products and sums with the
   exactly dequantized weights. One token per tile: elementwise multiply-adds; 16 or more: a dot (`Config.dot`).
-- q8_1 / q8_0 / q8_k: x quantized by numlab's codec outside the kernel; exact int32 dots of codes per
-  group of 32 (tensor-core int8 dots for 16 or more tokens), then the reference's float scaling. For
+- q8_1 / q8_0 / q8_k: x quantized before the kernel (q8_1 / q8_0 by numlab.kernels.quantize_x, q8_k by
+  numlab's codec); exact int32 dots of codes per group of 32 (tensor-core int8 dots for 16 or more
+  tokens), then the reference's float scaling. For
   fewer than 16 tokens on q4_k / q5_k (`Config.words`), the weights are read as 32-bit words and the
   codes multiplied four at a time by the GPU's byte dot product (dp4a), as llama.cpp's MMVQ does.
 Accumulation is float32.
@@ -27,7 +28,7 @@ from jax.experimental.pallas import triton as plgpu
 import numlab.formats as formats
 from numlab.formats._common import f16_value
 from numlab.formats.q8_0 import scale_and_codes
-from numlab.kernels import layouts
+from numlab.kernels import layouts, quantize_x
 from numlab.kernels.layouts import CHUNK, GROUP, GROUPS
 from numlab.ops.precision import rounded
 
@@ -52,7 +53,8 @@ class Config:
     aligned q6_k and q8_0, 1 otherwise); words: fewer than 16 tokens in an integer mode on q4_k / q5_k
     read 32-bit words and use byte dot products (layouts.WORD_FORMATS), else bytes and float multiply-adds;
     prefetch: those word kernels load chunk c + 1 before the arithmetic of chunk c (one chunk per
-    iteration, unroll must be 1)."""
+    iteration, unroll must be 1); x_kernel: q8_1 / q8_0 activations quantized by one Pallas kernel
+    (numlab.kernels.quantize_x), else by XLA (prepare)."""
 
     rows: int = 16
     tokens: int = 1
@@ -64,6 +66,7 @@ class Config:
     lane_runs: int = 0
     words: bool = True
     prefetch: bool = False
+    x_kernel: bool = True
 
     def check(self):
         for name in ("rows", "tokens"):
@@ -135,23 +138,41 @@ def prepare(x, act: str):
     return q.reshape(x.shape[0], -1).astype(jnp.int8), d, sums if act == "q8_k" else d * sums.astype(jnp.float32)
 
 
-def qmatmul(data, fmt: str, shape, xs, tile_expert, act: str, cfg: Config, interpret: bool = False):
-    """Grouped product: data uint8 [E, rows, row_bytes] (GGML rows of E matrices of `shape`), xs =
-    prepare(x [T * tokens, cols], act), tile_expert int32 [T] (matrix of each tile of cfg.tokens
+def kernel_inputs(x, fmt: str, act: str, cfg: Config, interpret: bool = False, src=None) -> tuple:
+    """prepare(x[src], act) (rows of x by src int32 [P], zeros where negative; None: every row) for x
+    float [N, cols], in the form the kernel for (fmt, act, cfg) reads: codes as 32-bit words of four
+    (uses_words), as float32 (other multiply-add paths) or int8 (dot tiles); q8_1 / q8_0 by
+    quantize_x's kernel (the rows gathered there) where cfg.x_kernel."""
+    words = uses_words(fmt, act, cfg)
+    fma = act not in FLOAT_ACTS and cfg.tokens < MIN_DOT and not words
+    if act in ("q8_1", "q8_0") and cfg.x_kernel:
+        return quantize_x.q8_blocks(x, "words" if words else "f32" if fma else "int8", src=src, interpret=interpret)
+    if src is not None:
+        x = jnp.where(src[:, None] >= 0, x[jnp.maximum(src, 0)], 0)
+    xs = prepare(x, act)
+    if words:
+        return (lax.bitcast_convert_type(xs[0].reshape(xs[0].shape[0], -1, 4), jnp.int32),) + xs[1:]
+    return ((xs[0].astype(jnp.float32),) + xs[1:]) if fma else xs
+
+
+def qmatmul(data, fmt: str, shape, x, tile_expert, act: str, cfg: Config, interpret: bool = False, src=None):
+    """Grouped product: data uint8 [E, rows, row_bytes] (GGML rows of E matrices of `shape`), x float
+    [T * tokens, cols] (activation rows; with src int32 [T * tokens], x [N, cols] and tile row i is
+    x[src[i]], zeros where src[i] < 0), tile_expert int32 [T] (matrix of each tile of cfg.tokens
     rows; negative: skip the tile, its outputs are undefined) -> float32 [T * tokens, rows]."""
     rows, cols = shape
     cfg = fit(cfg.check(), rows, cols)
     n_tiles = tile_expert.shape[0]
-    if xs[0].shape != (n_tiles * cfg.tokens, cols):
-        raise ValueError(f"qmatmul: activations {xs[0].shape} must be [tiles * tokens, cols] = "
-                         f"[{n_tiles} * {cfg.tokens}, {cols}] for {cfg} (fitted to [{rows}, {cols}])")
+    n_rows = x.shape[0] if src is None else src.shape[0]
+    if (n_rows, x.shape[-1]) != (n_tiles * cfg.tokens, cols):
+        raise ValueError(f"qmatmul: activations {x.shape}" + ("" if src is None else f" by src {src.shape}")
+                         + f" must be [tiles * tokens, cols] = [{n_tiles} * {cfg.tokens}, {cols}] for {cfg} "
+                         f"(fitted to [{rows}, {cols}])")
     row_bytes = formats.row_bytes(fmt, cols)
     data = data.reshape(-1)
-    if uses_words(fmt, act, cfg):                             # weights and x codes as 32-bit words
+    if uses_words(fmt, act, cfg):                             # weights as 32-bit words
         data = lax.bitcast_convert_type(data.reshape(-1, 4), jnp.int32)
-        xs = (lax.bitcast_convert_type(xs[0].reshape(xs[0].shape[0], -1, 4), jnp.int32),) + tuple(xs[1:])
-    elif act not in FLOAT_ACTS and cfg.tokens < MIN_DOT:
-        xs = (xs[0].astype(jnp.float32),) + tuple(xs[1:])     # the multiply-add path takes float codes
+    xs = kernel_inputs(x, fmt, act, cfg, interpret, src)
     dims = dict(cols=cols, row_bytes=row_bytes, expert_bytes=rows * row_bytes)
     kernel = functools.partial(_kernel, fmt=fmt, act=act, cfg=cfg, interpret=interpret, **dims)
     out = pl.pallas_call(

@@ -128,7 +128,7 @@ def _apply(act, config, interpret, w: QTensor, x):
         cfg = qm.fit(config or tuning.config_for(w.fmt, act, xs.shape[0], rows, cols), rows, cols)
         n_tiles = -(-xs.shape[0] // cfg.tokens)
         xs = jnp.pad(xs, ((0, n_tiles * cfg.tokens - xs.shape[0]), (0, 0)))
-        y = qm.qmatmul(w.data[None], w.fmt, w.shape, qm.prepare(xs, act), jnp.zeros((n_tiles,), jnp.int32),
+        y = qm.qmatmul(w.data[None], w.fmt, w.shape, xs, jnp.zeros((n_tiles,), jnp.int32),
                        act, cfg, interpret)
         return y[:math.prod(lead)].reshape(lead + (rows,))
     lead = jnp.broadcast_shapes(batch_w, x.shape[:-1])
@@ -136,5 +136,5 @@ def _apply(act, config, interpret, w: QTensor, x):
     xs = jnp.broadcast_to(x, lead + (cols,)).reshape(-1, cols)
     cfg = qm.fit(dataclasses.replace(config or tuning.config_for(w.fmt, act, 1, rows, cols), tokens=1), rows, cols)
     data = w.data.reshape((-1,) + w.data.shape[-2:])
-    y = qm.qmatmul(data, w.fmt, w.shape, qm.prepare(xs, act), jnp.asarray(which, jnp.int32), act, cfg, interpret)
+    y = qm.qmatmul(data, w.fmt, w.shape, xs, jnp.asarray(which, jnp.int32), act, cfg, interpret)
     return y.reshape(lead + (rows,))

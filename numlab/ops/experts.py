@@ -54,6 +54,12 @@ def to_tiles(rows, slot, n_rows: int):
     return jnp.zeros((n_rows, rows.shape[1]), rows.dtype).at[slot].add(rows)
 
 
+def tile_sources(slot, n_rows: int):
+    """int32 [n_rows]: the pair in each row of group_by_expert's tiled layout, -1 between groups (the
+    inverse of slot, for gathering the pairs into tiles: to_tiles(rows, slot, n_rows)[i] = rows[src[i]])."""
+    return jnp.full((n_rows,), -1, jnp.int32).at[slot].set(jnp.arange(slot.shape[0], dtype=jnp.int32))
+
+
 def from_tiles(tiled, slot):
     """The pairs' rows [P, d] back from the tiled layout."""
     return tiled if tiled.shape[0] == slot.shape[0] else tiled[slot]

@@ -1,0 +1,101 @@
+"""numlab.kernels.quantize_x (Pallas' CPU interpreter): ggml's Q8_1 codes and scales, and bit for bit
+the XLA preparation it replaces (qmatmul.prepare) on rows with NaN, infinities, zeros and ties."""
+import functools
+
+import chex
+import hypothesis.extra.numpy as hnp
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import ggml_oracle
+from numlab.kernels import qmatmul as qm
+from numlab.kernels import quantize_x as qx
+
+_Q8_1 = np.dtype([("d", "<f2"), ("s", "<f2"), ("qs", "i1", 32)])
+
+
+def _bits(a):
+    return np.asarray(a).view(np.uint8)
+
+
+def _special_rows():
+    """Three rows of 1024: NaN first, in the middle and last of groups; infinities; a zero group;
+    ties x / d = k + 1/2 (d = 1); subnormals; and Gaussian values at three scales."""
+    rng = np.random.default_rng(7)
+    x = (rng.standard_normal((3, 1024)) * np.array([[3.0], [1e-3], [4e4]])).astype(np.float32)
+    x[0, 0], x[0, 47], x[0, 95], x[0, 200:204] = np.nan, np.nan, np.nan, [np.inf, -np.inf, 1, 2]
+    x[1, 64:96] = 0
+    x[1, 96:128] = 1e-40
+    x[2, :32] = np.arange(32) - 15.5
+    x[2, 31] = 127
+    return jnp.asarray(x)
+
+
+def _as(codes, q):
+    """prepare's int8 codes in quantize_x's form `codes`."""
+    if codes == "words":
+        return jax.lax.bitcast_convert_type(q.reshape(q.shape[0], -1, 4), jnp.int32)
+    return q.astype(jnp.float32) if codes == "f32" else q
+
+
+class TestEqualsPrepare(chex.TestCase):
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_every_code_form(self):
+        x = _special_rows()
+        want = qm.prepare(x, "q8_1")
+        for codes in qx.CODES:
+            got = self.variant(functools.partial(qx.q8_blocks, codes=codes, interpret=True))(x)
+            chex.assert_shape(got, [(3, 1024 // 4 if codes == "words" else 1024), (3, 32), (3, 32)])
+            for g, w in zip(got, (_as(codes, want[0]),) + want[1:]):
+                np.testing.assert_array_equal(_bits(g), _bits(w))
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_rows_gathered_by_src(self):
+        x = _special_rows()
+        src = jnp.asarray([2, -1, 0, 0, 1], jnp.int32)
+        want = qm.prepare(jnp.where(src[:, None] >= 0, x[jnp.maximum(src, 0)], 0), "q8_1")
+        got = self.variant(functools.partial(qx.q8_blocks, codes="words", src=src, interpret=True))(x)
+        chex.assert_shape(got, [(5, 256), (5, 32), (5, 32)])
+        for g, w in zip(got, (_as("words", want[0]),) + want[1:]):
+            np.testing.assert_array_equal(_bits(g), _bits(w))
+        assert not np.any(np.asarray(got[0][1])) and not np.any(np.asarray(got[1][1]))
+
+    def test_ties_round_away_from_zero(self):
+        x = _special_rows()
+        q, d, _ = jax.jit(functools.partial(qx.q8_blocks, interpret=True))(x)
+        assert float(d[2, 0]) == 1.0
+        np.testing.assert_array_equal(np.asarray(q[2, :4]), [-16, -15, -14, -13])
+        np.testing.assert_array_equal(np.asarray(q[2, 15:17]), [-1, 1])
+
+
+@given(hnp.arrays(np.float32, (2, 256), elements=st.floats(-1e6, 1e6, width=32)), st.integers(-20, 20))
+def test_codes_and_scales_are_ggmls(x, exponent):
+    """Q8_1 codes and fp16 scales d equal ggml's quantize_row_q8_1_ref (the sums s, ggml's fp16 of
+    unrounded d times the sum, are not what the kernels read)."""
+    x = x * np.float32(2.0 ** exponent)
+    q, d, _ = jax.jit(functools.partial(qx.q8_blocks, interpret=True))(jnp.asarray(x))
+    blocks = ggml_oracle.quantize(x, "q8_1").view(_Q8_1)
+    np.testing.assert_array_equal(np.asarray(q).reshape(2, 8, 32), blocks["qs"])
+    np.testing.assert_array_equal(np.asarray(d), blocks["d"].astype(np.float32))
+
+
+def test_gpu_lowering_divides_correctly_rounded():
+    """The Triton lowering (done on the CPU) divides by PTX div.rn, not XLA's approximate division."""
+    x = jax.ShapeDtypeStruct((1, 14336), jnp.float32)
+    text = jax.jit(qx.q8_blocks).trace(x).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("quantize_x_q8") >= 1 and "div.rn.f32" in text
+
+
+def test_errors_name_the_bad_value():
+    with pytest.raises(ValueError, match="codes='int4'.*int8, words, f32"):
+        qx.q8_blocks(jnp.ones((1, 32)), "int4")
+    with pytest.raises(ValueError, match=r"\(2, 33\)"):
+        qx.q8_blocks(jnp.ones((2, 33)))
+    with pytest.raises(ValueError, match="src must be integer.*float32"):
+        qx.q8_blocks(jnp.ones((2, 32)), src=jnp.zeros(2, jnp.float32))
+    assert [qx.groups_per_program(c) for c in (32, 96, 2048, 14336)] == [1, 1, 64, 64]
