@@ -66,9 +66,11 @@ CASES = ([(f, "f32", 1, qm.Config(rows=8, tokens=1, ksplit=2)) for f in FMTS]
          + [(f, INT_ACT[f], 2, qm.Config(rows=16, tokens=2)) for f in FMTS]
          + [(f, "f32", 17, qm.Config(rows=16, tokens=16)) for f in ("q4_k", "q6_k")]
          + [(f, "bf16", 3, qm.Config(rows=16, tokens=4, unroll=2)) for f in ("q5_k", "q8_0")]
-         + [("q4_k", a, 1, qm.Config(rows=16, tokens=1, words=False)) for a in ("q8_1", "q8_k")]
+         + [(f, a, 1, qm.Config(rows=16, tokens=1, words=False)) for f, a in (("q4_k", "q8_1"), ("q4_k", "q8_k"),
+                                                                              ("q8_0", "q8_0"))]
          + [(f, a, n, qm.Config(rows=16, tokens=n, prefetch=True)) for f, a, n in (("q4_k", "q8_1", 1),
-                                                                                 ("q5_k", "q8_k", 2))]
+                                                                                 ("q5_k", "q8_k", 2),
+                                                                                 ("q8_0", "q8_1", 1))]
          + [(f, a, n, qm.Config(rows=16, tokens=n, x_kernel=False)) for f, a, n in (("q4_k", "q8_1", 1),
                                                                                   ("q8_0", "q8_0", 2))])
 

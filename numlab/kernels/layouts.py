@@ -20,7 +20,7 @@ PARTS = 2
 GROUPS_PER_PART = GROUPS // PARTS
 CHUNK_BYTES = {"q4_k": 144, "q5_k": 176, "q6_k": 210, "q8_0": 272}
 _BIAS = {"q4_k": 0, "q5_k": 0, "q6_k": 32, "q8_0": 128}   # level + bias >= 0
-WORD_FORMATS = ("q4_k", "q5_k")                          # blocks a whole number of 32-bit words
+WORD_FORMATS = ("q4_k", "q5_k", "q8_0")                  # chunks a whole number of 32-bit words
 _QS_WORD = {"q4_k": 4, "q5_k": 12}                       # first code word of a block (q5_k: after qh)
 
 
@@ -261,3 +261,21 @@ def word_groups(head, qh, qs, c4) -> list:
             codes = codes | (((qh >> g) & 0x01010101) << 4)
         out.append(Groups(codes, 1, g, d, sc, None, dmin, mn, None))
     return out
+
+
+def q8_0_word_load(ref, wb, c4, m8):
+    """The words of the q8_0 chunks at word offsets wb int32 [R, 1, 1] of the int32 ref, four pairs of
+    34-byte blocks (17 words) each: a pair's words 0 and 8 [R, 4, 1] (the fp16 scales of its even block,
+    low half, and odd block, high half), then words 0..7 and 1..8 (the even block's codes, two bytes
+    into word 0) and 9..16 (the odd block's codes) [R, 4, 8], loaded last: see decode."""
+    pair = wb + 17 * c4
+    return ref[pair], ref[pair + 8], ref[pair + m8], ref[pair + 1 + m8], ref[pair + 9 + m8]
+
+
+def q8_0_word_groups(first, ninth, lo, hi, odd, c4) -> list:
+    """[Groups] of the even (groups 2c) and odd (2c + 1) blocks of q8_0_word_load's words: codes int32
+    [R, 4, 8] are words of four signed codes (the even block's rebuilt from the high half of one word
+    and the low half of the next), d float32 [R, 4, 1]; no integer scales or mins."""
+    even = ((lo >> 16) & 0xFFFF) | (hi << 16)
+    return [Groups(even, 1, 2 * c4, _f16_bits(first), None, None, None, None, None),
+            Groups(odd, 1, 2 * c4 + 1, _f16_bits(ninth >> 16), None, None, None, None, None)]

@@ -12,7 +12,7 @@ float rounding; the dequantized weights are bit-identical):
 - q8_1 / q8_0 / q8_k: x quantized before the kernel (q8_1 / q8_0 by numlab.kernels.quantize_x, q8_k by
   numlab's codec); exact int32 dots of codes per group of 32 (tensor-core int8 dots for 16 or more
   tokens), then the reference's float scaling. For
-  fewer than 16 tokens on q4_k / q5_k (`Config.words`), the weights are read as 32-bit words and the
+  fewer than 16 tokens on q4_k / q5_k / q8_0 (`Config.words`), the weights are read as 32-bit words and the
   codes multiplied four at a time by the GPU's byte dot product (dp4a), as llama.cpp's MMVQ does.
 Accumulation is float32.
 """
@@ -50,8 +50,8 @@ class Config:
     chunks of 256 columns per loop iteration; Triton's num_warps and num_stages; dot: the float dot
     for tokens >= 16 (f32 exact products, tf32x3 / bf16x6 split products on tensor cores); lane_runs:
     the value layout of the multiply-add paths (layouts.Lanes: 1 or 16; 0 picks 16 for the 2-byte
-    aligned q6_k and q8_0, 1 otherwise); words: fewer than 16 tokens in an integer mode on q4_k / q5_k
-    read 32-bit words and use byte dot products (layouts.WORD_FORMATS), else bytes and float multiply-adds;
+    aligned q6_k and q8_0, 1 otherwise); words: fewer than 16 tokens in an integer mode on q4_k / q5_k /
+    q8_0 read 32-bit words and use byte dot products (layouts.WORD_FORMATS), else bytes and float multiply-adds;
     prefetch: those word kernels load chunk c + 1 before the arithmetic of chunk c (one chunk per
     iteration, unroll must be 1); x_kernel: q8_1 / q8_0 activations quantized by one Pallas kernel
     (numlab.kernels.quantize_x), else by XLA (prepare)."""
@@ -190,7 +190,7 @@ def qmatmul(data, fmt: str, shape, x, tile_expert, act: str, cfg: Config, interp
 
 def uses_words(fmt: str, act: str, cfg: Config) -> bool:
     """Whether the kernel for (fmt, act, cfg) reads 32-bit words with byte dot products (_int_words)."""
-    return cfg.words and act in ("q8_1", "q8_k") and fmt in layouts.WORD_FORMATS and cfg.tokens < MIN_DOT
+    return cfg.words and act in INT_ACTS.get(fmt, ()) and fmt in layouts.WORD_FORMATS and cfg.tokens < MIN_DOT
 
 
 def _iota(shape, dim=0):
@@ -433,20 +433,21 @@ def _int_dot(fmt, cfg, cols, act):
 
 
 def _dp4a(a, b, interpret: bool):
-    """int32 sum of the four byte products of a (unsigned bytes below 128) and b (signed bytes), per
-    element: PTX dp4a on the GPU, shifts and multiplies in Pallas' interpreter."""
+    """int32 sum of the four products of the signed bytes of a and b, per element: PTX dp4a on the
+    GPU, shifts and multiplies in Pallas' interpreter."""
     b = jnp.broadcast_to(b, a.shape)
     if interpret:
-        return sum(((a >> (8 * j)) & 255) * ((b << (24 - 8 * j)) >> 24) for j in range(4))
+        return sum(((a << (24 - 8 * j)) >> 24) * ((b << (24 - 8 * j)) >> 24) for j in range(4))
     (out,) = plgpu.elementwise_inline_asm("dp4a.s32.s32 $0, $1, $2, 0;", args=[a, b], constraints="=r,r,r",
                                           pack=1, result_shape_dtypes=[jax.ShapeDtypeStruct(a.shape, jnp.int32)])
     return out
 
 
 def _int_words(fmt, cfg, cols, act, interpret):
-    """Fewer than 16 tokens, integer modes, q4_k / q5_k read as 32-bit words: per super-block and row,
-    the 32 code words [R, 4 runs, 8] give with x's code words the dots of groups 2c (low nibbles) and
-    2c + 1 (high nibbles) four codes per dp4a; then the reference's scaling (as _int_fma's). Returns
+    """Fewer than 16 tokens, integer modes, q4_k / q5_k / q8_0 read as 32-bit words: per chunk and row,
+    the code words [R, 4, 8] give with x's code words the dots of groups 2c and 2c + 1 (q4_k / q5_k:
+    low and high nibbles of run c; q8_0: the blocks of pair c) four codes per dp4a; then the
+    reference's scaling (as _int_fma's). Returns
     (load, compute, accumulators, store): load(w_ref, x_refs, base, c, t0) reads chunk c's words and
     x's, compute(loaded, acc) adds the chunk to the accumulators."""
     n_x32, n_w = cols // GROUP, cols // 4
@@ -463,11 +464,19 @@ def _int_words(fmt, cfg, cols, act, interpret):
             dx = [dx_ref[(t0 + t) * (cols // CHUNK) + c] for t in toks]
         else:
             dx = [[dx_ref[i] for i in row] for row in x32]
+        wb = (base >> 2)[:, None, None]
+        if fmt == "q8_0":
+            return xw, dx, None, layouts.q8_0_word_load(w_ref, wb, c4, m8)
         mx = [[x_refs[2][i] for i in row] for row in x32]
-        return xw, dx, mx, layouts.word_load(fmt, w_ref, (base >> 2)[:, None, None], c4, m8)
+        return xw, dx, mx, layouts.word_load(fmt, w_ref, wb, c4, m8)
 
     def compute(loaded, acc):
         xw, dx, mx, words = loaded
+        if fmt == "q8_0":
+            groups = layouts.q8_0_word_groups(*words, c4)
+            return tuple(a + sum(jnp.sum((grp.d * dx[t][p]) * _small_int_f32(
+                jnp.sum(_dp4a(grp.codes, xw[t][p], interpret), axis=2, keepdims=True, dtype=jnp.int32)), axis=(1, 2))
+                for p, grp in enumerate(groups)) for t, a in enumerate(acc))
         groups = layouts.word_groups(*words, c4)
         bi, bm = [0] * cfg.tokens, [0] * cfg.tokens
         for t in toks:

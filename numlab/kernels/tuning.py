@@ -26,12 +26,13 @@ def config_for(fmt: str, act: str, n_tokens: int, rows: int | None = None, cols:
     integer modes, 32 for float; integer modes on the word formats keep byte dot products up to 4
     tokens (MUL_MAT_ID at 4 tokens per expert: 209 us against 252 us for 16-token dot tiles; with 8
     per expert, the 128-token prefill, the dot tiles were faster: 0.148 s against 0.161 s). One token on
-    the word formats loads a chunk ahead (results/bench/prefetch-h100.json: q4_k 4096×14336 kernel
-    17.4 us against 19.5 us; MUL_MAT_ID 5.8 against 5.6 us, within its spread)."""
+    q4_k / q5_k loads a chunk ahead (results/bench/prefetch-h100.json: q4_k 4096×14336 kernel
+    17.4 us against 19.5 us; MUL_MAT_ID 5.8 against 5.6 us, within its spread); q8_0 does not (32.8
+    against 32.1 us per product, results/bench/quantize-x-h100.json)."""
     waves = WAVES
     if n_tokens <= 1:
         cfg = Config(rows=32 if act in FLOAT_ACTS else 16, tokens=1, num_warps=4,
-                     prefetch=act not in FLOAT_ACTS and fmt in WORD_FORMATS)
+                     prefetch=act not in FLOAT_ACTS and fmt in ("q4_k", "q5_k"))
         waves = 2 * WAVES
     elif act in FLOAT_ACTS and n_tokens <= 8:
         cfg = Config(rows=32, tokens=_pow2_at_least(n_tokens), num_warps=8)
