@@ -56,9 +56,9 @@ INT_ACT = {"q4_k": "q8_k", "q5_k": "q8_k", "q6_k": "q8_k", "q8_0": "q8_0"}
 FMTS = ("q4_k", "q5_k", "q6_k", "q8_0")
 # (fmt, act, tokens, Config): each format through one token (float and integer paths), integer dot
 # tiles and several tokens in its CPU integer mode; float dot tiles and bf16 multi-token tiles on two
-# formats each; column splits and unrolling on the way. q4_k / q5_k integer modes below 16 tokens read
-# 32-bit words with byte dot products; the byte path they replace (words=False) is checked on q4_k,
-# loading a chunk ahead (prefetch) on q4_k and q5_k; q8_1 / q8_0 activations quantized by XLA
+# formats each; column splits and unrolling on the way. Integer modes below 16 tokens read 32-bit
+# words with byte dot products; the byte path they replace (words=False) is checked on q4_k, q6_k and
+# q8_0, loading a chunk ahead (prefetch) on every format; q8_1 / q8_0 activations quantized by XLA
 # (x_kernel=False) rather than quantize_x's kernel on two.
 CASES = ([(f, "f32", 1, qm.Config(rows=8, tokens=1, ksplit=2)) for f in FMTS]
          + [(f, "q8_1", 1, qm.Config(rows=16, tokens=1, unroll=2)) for f in FMTS]
@@ -67,9 +67,10 @@ CASES = ([(f, "f32", 1, qm.Config(rows=8, tokens=1, ksplit=2)) for f in FMTS]
          + [(f, "f32", 17, qm.Config(rows=16, tokens=16)) for f in ("q4_k", "q6_k")]
          + [(f, "bf16", 3, qm.Config(rows=16, tokens=4, unroll=2)) for f in ("q5_k", "q8_0")]
          + [(f, a, 1, qm.Config(rows=16, tokens=1, words=False)) for f, a in (("q4_k", "q8_1"), ("q4_k", "q8_k"),
-                                                                              ("q8_0", "q8_0"))]
+                                                                              ("q6_k", "q8_1"), ("q8_0", "q8_0"))]
          + [(f, a, n, qm.Config(rows=16, tokens=n, prefetch=True)) for f, a, n in (("q4_k", "q8_1", 1),
                                                                                  ("q5_k", "q8_k", 2),
+                                                                                 ("q6_k", "q8_k", 1),
                                                                                  ("q8_0", "q8_1", 1))]
          + [(f, a, n, qm.Config(rows=16, tokens=n, x_kernel=False)) for f, a, n in (("q4_k", "q8_1", 1),
                                                                                   ("q8_0", "q8_0", 2))])
@@ -85,6 +86,20 @@ def test_kernel_equals_reference(fmt, act, n, cfg):
     rng = _rng(fmt, act, n)
     w = _weights(rng, fmt, (32, 512))
     x = jnp.asarray(rng.standard_normal((n, 512)) * rng.lognormal(0, 1, (n, 1)), jnp.float32)
+    y = jax.jit(functools.partial(kernels.qmatvec_fast, act=act, config=cfg, interpret=True))(w, x)
+    _assert_close(y, _ref(w, x, act=act), w, x)
+
+
+@pytest.mark.parametrize("cols,act,cfg", [(768, "q8_1", qm.Config(rows=16, tokens=1)),
+                                          (1536, "q8_1", qm.Config(rows=16, tokens=1, ksplit=2, prefetch=True)),
+                                          (1536, "q8_k", qm.Config(rows=16, tokens=2, ksplit=2))])
+def test_q6_k_words_in_odd_super_blocks(cols, act, cfg):
+    """q6_k's 210-byte super-blocks: words where a row holds an even number of them, the odd ones
+    starting mid-word (here a column split starts on one), bytes where a row holds an odd number."""
+    assert qm.uses_words("q6_k", act, cfg, cols) == (cols % 512 == 0)
+    rng = _rng("q6_k-odd", cols, act)
+    w = _weights(rng, "q6_k", (16, cols))
+    x = jnp.asarray(rng.standard_normal((cfg.tokens, cols)) * 3, jnp.float32)
     y = jax.jit(functools.partial(kernels.qmatvec_fast, act=act, config=cfg, interpret=True))(w, x)
     _assert_close(y, _ref(w, x, act=act), w, x)
 

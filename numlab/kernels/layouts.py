@@ -20,7 +20,7 @@ PARTS = 2
 GROUPS_PER_PART = GROUPS // PARTS
 CHUNK_BYTES = {"q4_k": 144, "q5_k": 176, "q6_k": 210, "q8_0": 272}
 _BIAS = {"q4_k": 0, "q5_k": 0, "q6_k": 32, "q8_0": 128}   # level + bias >= 0
-WORD_FORMATS = ("q4_k", "q5_k", "q8_0")                  # chunks a whole number of 32-bit words
+WORD_FORMATS = ("q4_k", "q5_k", "q6_k", "q8_0")          # read as 32-bit words (q6_k: rows of whole words)
 _QS_WORD = {"q4_k": 4, "q5_k": 12}                       # first code word of a block (q5_k: after qh)
 
 
@@ -279,3 +279,39 @@ def q8_0_word_groups(first, ninth, lo, hi, odd, c4) -> list:
     even = ((lo >> 16) & 0xFFFF) | (hi << 16)
     return [Groups(even, 1, 2 * c4, _f16_bits(first), None, None, None, None, None),
             Groups(odd, 1, 2 * c4 + 1, _f16_bits(ninth >> 16), None, None, None, None, None)]
+
+
+def q6_k_group(s, part):
+    """Chunk group of run s (ql bytes 32s .. 32s + 31) and part (low, high nibbles) in q6_k's words."""
+    return _GROUP_OF["q6_k"](s, part)
+
+
+def q6_k_word_load(ref, wb, sh, parts=PARTS):
+    """The words of the q6_k super-blocks at byte offsets 4·wb + sh of the int32 ref (wb int32 [R], sh
+    0 or 2 for every row), as [R, run s, half f, word k]: ql's word 8s + 4f + k holds chunk bytes
+    32s + 16f + 4k − sh ... + 3 (qh's likewise from byte 128). Per part p (low, high nibbles): the signed 6-bit scales of the half
+    groups [R, 4, 2, 1]; then d's word [R, 1, 1, 1]; the code words last (see decode): ql [R, 4, 2, 4]
+    and the word after each half group's four [R, 4, 2, 1], qh likewise (shared by runs 2h and 2h + 1)."""
+    s, f, k = _iota((1, 4, 1, 1), 1), _iota((1, 1, 2, 1), 2), _iota((1, 1, 1, 4), 3)
+    wb = wb[:, None, None, None]
+    scales = []
+    for p in range(parts):
+        pos = sh + 2 * q6_k_group(s, p) + f                   # byte of the half group's scale
+        word = ref[wb + 48 + (pos >> 2)]
+        scales.append((word << (24 - 8 * (pos & 3))) >> 24)
+    d_word = ref[wb + 52]
+    ql, qh = wb + 8 * s + 4 * f, wb + 32 + 8 * (s // 2) + 4 * f
+    return scales, d_word, ref[ql + k], ref[ql + 4], ref[qh + k], ref[qh + 4]
+
+
+def q6_k_word_groups(scales, d_word, ql, ql_next, qh, qh_next, sh) -> tuple:
+    """d float32 [R, 1, 1, 1] and per part p the code words of groups g = 4·(s // 2) + s % 2 + 2p of
+    q6_k_word_load's words: levels 0..63 per byte (unbiased), [R, 4, 2, 4] and the next word's
+    [R, 4, 2, 1], with the half groups' scales int32 [R, 4, 2, 1]."""
+    s = _iota((1, 4, 1, 1), 1)
+    out = []
+    for p, sc in enumerate(scales):
+        shift = 2 * (s % 2) + 4 * p
+        out.append(tuple(((q >> (4 * p)) & 0x0F0F0F0F) | (((h >> shift) & 0x03030303) << 4)
+                         for q, h in ((ql, qh), (ql_next, qh_next))) + (sc,))
+    return _f16_bits(d_word >> (8 * sh)), out

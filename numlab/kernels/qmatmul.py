@@ -12,7 +12,7 @@ float rounding; the dequantized weights are bit-identical):
 - q8_1 / q8_0 / q8_k: x quantized before the kernel (q8_1 / q8_0 by numlab.kernels.quantize_x, q8_k by
   numlab's codec); exact int32 dots of codes per group of 32 (tensor-core int8 dots for 16 or more
   tokens), then the reference's float scaling. For
-  fewer than 16 tokens on q4_k / q5_k / q8_0 (`Config.words`), the weights are read as 32-bit words and the
+  fewer than 16 tokens (`Config.words`; q6_k rows of an even number of super-blocks), the weights are read as 32-bit words and the
   codes multiplied four at a time by the GPU's byte dot product (dp4a), as llama.cpp's MMVQ does.
 Accumulation is float32.
 """
@@ -50,8 +50,8 @@ class Config:
     chunks of 256 columns per loop iteration; Triton's num_warps and num_stages; dot: the float dot
     for tokens >= 16 (f32 exact products, tf32x3 / bf16x6 split products on tensor cores); lane_runs:
     the value layout of the multiply-add paths (layouts.Lanes: 1 or 16; 0 picks 16 for the 2-byte
-    aligned q6_k and q8_0, 1 otherwise); words: fewer than 16 tokens in an integer mode on q4_k / q5_k /
-    q8_0 read 32-bit words and use byte dot products (layouts.WORD_FORMATS), else bytes and float multiply-adds;
+    aligned q6_k and q8_0, 1 otherwise); words: fewer than 16 tokens in an integer mode read 32-bit
+    words and use byte dot products (uses_words), else bytes and float multiply-adds;
     prefetch: those word kernels load chunk c + 1 before the arithmetic of chunk c (one chunk per
     iteration, unroll must be 1); x_kernel: q8_1 / q8_0 activations quantized by one Pallas kernel
     (numlab.kernels.quantize_x), else by XLA (prepare)."""
@@ -143,7 +143,7 @@ def kernel_inputs(x, fmt: str, act: str, cfg: Config, interpret: bool = False, s
     float [N, cols], in the form the kernel for (fmt, act, cfg) reads: codes as 32-bit words of four
     (uses_words), as float32 (other multiply-add paths) or int8 (dot tiles); q8_1 / q8_0 by
     quantize_x's kernel (the rows gathered there) where cfg.x_kernel."""
-    words = uses_words(fmt, act, cfg)
+    words = uses_words(fmt, act, cfg, x.shape[-1])
     fma = act not in FLOAT_ACTS and cfg.tokens < MIN_DOT and not words
     if act in ("q8_1", "q8_0") and cfg.x_kernel:
         return quantize_x.q8_blocks(x, "words" if words else "f32" if fma else "int8", src=src, interpret=interpret)
@@ -170,7 +170,7 @@ def qmatmul(data, fmt: str, shape, x, tile_expert, act: str, cfg: Config, interp
                          f"(fitted to [{rows}, {cols}])")
     row_bytes = formats.row_bytes(fmt, cols)
     data = data.reshape(-1)
-    if uses_words(fmt, act, cfg):                             # weights as 32-bit words
+    if uses_words(fmt, act, cfg, cols):                       # weights as 32-bit words
         data = lax.bitcast_convert_type(data.reshape(-1, 4), jnp.int32)
     xs = kernel_inputs(x, fmt, act, cfg, interpret, src)
     dims = dict(cols=cols, row_bytes=row_bytes, expert_bytes=rows * row_bytes)
@@ -188,9 +188,11 @@ def qmatmul(data, fmt: str, shape, x, tile_expert, act: str, cfg: Config, interp
     return out[0] if cfg.ksplit == 1 else jnp.sum(out, axis=0)
 
 
-def uses_words(fmt: str, act: str, cfg: Config) -> bool:
-    """Whether the kernel for (fmt, act, cfg) reads 32-bit words with byte dot products (_int_words)."""
-    return cfg.words and act in INT_ACTS.get(fmt, ()) and fmt in layouts.WORD_FORMATS and cfg.tokens < MIN_DOT
+def uses_words(fmt: str, act: str, cfg: Config, cols: int) -> bool:
+    """Whether the kernel for (fmt, act, cfg) on rows of `cols` values reads 32-bit words with byte dot
+    products (_int_words): q6_k's 210-byte super-blocks only where a row holds an even number."""
+    return (cfg.words and act in INT_ACTS.get(fmt, ()) and fmt in layouts.WORD_FORMATS and cfg.tokens < MIN_DOT
+            and (fmt != "q6_k" or cols % (2 * CHUNK) == 0))
 
 
 def _iota(shape, dim=0):
@@ -218,7 +220,7 @@ def _kernel(te_ref, w_ref, *refs, fmt, act, cfg, interpret, cols, row_bytes, exp
             return base + c * layouts.CHUNK_BYTES[fmt], c
 
         first = k_id * steps
-        if uses_words(fmt, act, cfg):
+        if uses_words(fmt, act, cfg, cols):
             load, compute, acc, store = _int_words(fmt, cfg, cols, act, interpret)
             if cfg.prefetch:                # chunk c + 1's loads are issued before chunk c's arithmetic
                 def ahead(it, carry):
@@ -444,19 +446,28 @@ def _dp4a(a, b, interpret: bool):
 
 
 def _int_words(fmt, cfg, cols, act, interpret):
-    """Fewer than 16 tokens, integer modes, q4_k / q5_k / q8_0 read as 32-bit words: per chunk and row,
-    the code words [R, 4, 8] give with x's code words the dots of groups 2c and 2c + 1 (q4_k / q5_k:
-    low and high nibbles of run c; q8_0: the blocks of pair c) four codes per dp4a; then the
-    reference's scaling (as _int_fma's). Returns
+    """Fewer than 16 tokens, integer modes, weights read as 32-bit words: per chunk and row, the code
+    words [R, 4, 8] give with x's code words the dots of groups 2c and 2c + 1 (q4_k / q5_k: low and
+    high nibbles of run c; q8_0: the blocks of pair c) four codes per dp4a; q6_k: of its half groups
+    from [R, 4, 2, 4 + 1] words, x's words shifted to meet them (see q6_k_x); then the reference's
+    scaling (as _int_fma's). Returns
     (load, compute, accumulators, store): load(w_ref, x_refs, base, c, t0) reads chunk c's words and
     x's, compute(loaded, acc) adds the chunk to the accumulators."""
     n_x32, n_w = cols // GROUP, cols // 4
     c4 = _iota((1, 4, 1), 1)
     m8 = _iota((1, 1, 8), 2)
+    s4, f2, k4 = _iota((1, 4, 1, 1), 1), _iota((1, 1, 2, 1), 2), _iota((1, 1, 1, 4), 3)
     toks = range(cfg.tokens)
 
     def load(w_ref, x_refs, base, c, t0):
         xq_ref, dx_ref = x_refs[:2]
+        if fmt == "q6_k":
+            sh = 2 * (c % 2)                      # odd chunks start 2 bytes into a word (rows: whole words)
+            odd = sh > 0
+            xs = [q6_k_x(xq_ref, t0 + t, c, odd) for t in toks]                   # x first: see _kernel
+            dx = [dx_ref[(t0 + t) * (cols // CHUNK) + c] if act == "q8_k" else
+                  [dx_ref[(t0 + t) * n_x32 + c * GROUPS + layouts.q6_k_group(s4, p)] for p in PARTS] for t in toks]
+            return xs, dx, sh, layouts.q6_k_word_load(w_ref, base >> 2, sh)
         xw = [[xq_ref[(t0 + t) * n_w + c * (CHUNK // 4) + 16 * c4 + 8 * part + m8] for part in PARTS]
               for t in toks]                                                       # x first: see _kernel
         x32 = [[(t0 + t) * n_x32 + c * GROUPS + 2 * c4 + part for part in PARTS] for t in toks]
@@ -470,7 +481,39 @@ def _int_words(fmt, cfg, cols, act, interpret):
         mx = [[x_refs[2][i] for i in row] for row in x32]
         return xw, dx, mx, layouts.word_load(fmt, w_ref, wb, c4, m8)
 
+    def q6_k_x(xq_ref, t, c, odd):
+        """Row t's code words against q6_k_word_load's words of chunk c, per part: [1, 4, 2, 4] and the
+        next word [1, 4, 2, 1] (in odd chunks shifted 2 bytes on; codes outside the half group zero),
+        and the half groups' sums of codes [1, 4, 2, 1] (for the bias 32 of the levels)."""
+        out = []
+        for p in PARTS:
+            w0 = t * n_w + c * (CHUNK // 4) + 8 * layouts.q6_k_group(s4, p) + 4 * f2
+            own = xq_ref[w0 + k4]
+            before = jnp.where(k4 > 0, xq_ref[w0 + jnp.maximum(k4 - 1, 0)], 0)
+            main = jnp.where(odd, ((before >> 16) & 0xFFFF) | (own << 16), own)
+            after = jnp.where(odd, (xq_ref[w0 + 3] >> 16) & 0xFFFF, 0)
+            ones = jnp.full(own.shape, 0x01010101, jnp.int32)
+            out.append((main, after, jnp.sum(_dp4a(own, ones, interpret), axis=3, keepdims=True, dtype=jnp.int32)))
+        return out
+
+    def q6_k_compute(loaded, acc):
+        xs, dx, sh, words = loaded
+        d, parts = layouts.q6_k_word_groups(*words, sh)
+        out = []
+        for t, a in enumerate(acc):
+            bi = 0
+            for p, ((codes, after, sc), (xm, xa, xsum)) in enumerate(zip(parts, xs[t])):
+                dots = (jnp.sum(_dp4a(codes, xm, interpret), axis=3, keepdims=True, dtype=jnp.int32)
+                        + _dp4a(after, xa, interpret) - 32 * xsum)                    # [R, 4, 2, 1] half groups
+                isum = jnp.sum(sc * dots, axis=(2, 3), keepdims=True, dtype=jnp.int32)  # [R, 4, 1, 1] groups
+                bi = bi + (jnp.sum(isum, axis=(1, 2, 3), dtype=jnp.int32) if act == "q8_k"
+                           else jnp.sum(dx[t][p] * isum.astype(jnp.float32), axis=(1, 2, 3)))
+            out.append(a + _chunk_scale(act, d.reshape(cfg.rows), None, bi, 0, dx[t] if act == "q8_k" else None))
+        return tuple(out)
+
     def compute(loaded, acc):
+        if fmt == "q6_k":
+            return q6_k_compute(loaded, acc)
         xw, dx, mx, words = loaded
         if fmt == "q8_0":
             groups = layouts.q8_0_word_groups(*words, c4)
