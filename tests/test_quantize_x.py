@@ -54,17 +54,6 @@ class TestEqualsPrepare(chex.TestCase):
             for g, w in zip(got, (_as(codes, want[0]),) + want[1:]):
                 np.testing.assert_array_equal(_bits(g), _bits(w))
 
-    @chex.variants(with_jit=True, without_jit=True)
-    def test_rows_gathered_by_src(self):
-        x = _special_rows()
-        src = jnp.asarray([2, -1, 0, 0, 1], jnp.int32)
-        want = qm.prepare(jnp.where(src[:, None] >= 0, x[jnp.maximum(src, 0)], 0), "q8_1")
-        got = self.variant(functools.partial(qx.q8_blocks, codes="words", src=src, interpret=True))(x)
-        chex.assert_shape(got, [(5, 256), (5, 32), (5, 32)])
-        for g, w in zip(got, (_as("words", want[0]),) + want[1:]):
-            np.testing.assert_array_equal(_bits(g), _bits(w))
-        assert not np.any(np.asarray(got[0][1])) and not np.any(np.asarray(got[1][1]))
-
     def test_ties_round_away_from_zero(self):
         x = _special_rows()
         q, d, _ = jax.jit(functools.partial(qx.q8_blocks, interpret=True))(x)
@@ -96,6 +85,4 @@ def test_errors_name_the_bad_value():
         qx.q8_blocks(jnp.ones((1, 32)), "int4")
     with pytest.raises(ValueError, match=r"\(2, 33\)"):
         qx.q8_blocks(jnp.ones((2, 33)))
-    with pytest.raises(ValueError, match="src must be integer.*float32"):
-        qx.q8_blocks(jnp.ones((2, 32)), src=jnp.zeros(2, jnp.float32))
     assert [qx.groups_per_program(c) for c in (32, 96, 2048, 14336)] == [1, 1, 64, 64]

@@ -34,8 +34,7 @@ def grouped_product(case: mv.Case, cfg: qm.Config):
     cfg = qm.fit(cfg, case.rows, case.cols)
 
     def product(w, x, idx):
-        y = moe.expert_qmatvec_fast(w, jnp.repeat(x, idx.shape[1], axis=0), idx.reshape(-1), case.act,
-                                    config=cfg, interpret=interpret)
+        y = moe.expert_qmatvec_fast(w, x, idx.reshape(-1), case.act, config=cfg, interpret=interpret)
         return y.reshape(idx.shape + (case.rows,))
     return jax.jit(product)
 

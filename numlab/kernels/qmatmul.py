@@ -138,17 +138,14 @@ def prepare(x, act: str):
     return q.reshape(x.shape[0], -1).astype(jnp.int8), d, sums if act == "q8_k" else d * sums.astype(jnp.float32)
 
 
-def kernel_inputs(x, fmt: str, act: str, cfg: Config, interpret: bool = False, src=None) -> tuple:
-    """prepare(x[src], act) (rows of x by src int32 [P], zeros where negative; None: every row) for x
-    float [N, cols], in the form the kernel for (fmt, act, cfg) reads: codes as 32-bit words of four
-    (uses_words), as float32 (other multiply-add paths) or int8 (dot tiles); q8_1 / q8_0 by
-    quantize_x's kernel (the rows gathered there) where cfg.x_kernel."""
+def kernel_inputs(x, fmt: str, act: str, cfg: Config, interpret: bool = False) -> tuple:
+    """prepare(x, act) for x float [N, cols], in the form the kernel for (fmt, act, cfg) reads: codes
+    as 32-bit words of four (uses_words), as float32 (other multiply-add paths) or int8 (dot tiles);
+    q8_1 / q8_0 by quantize_x's kernel where cfg.x_kernel."""
     words = uses_words(fmt, act, cfg, x.shape[-1])
     fma = act not in FLOAT_ACTS and cfg.tokens < MIN_DOT and not words
     if act in ("q8_1", "q8_0") and cfg.x_kernel:
-        return quantize_x.q8_blocks(x, "words" if words else "f32" if fma else "int8", src=src, interpret=interpret)
-    if src is not None:
-        x = jnp.where(src[:, None] >= 0, x[jnp.maximum(src, 0)], 0)
+        return quantize_x.q8_blocks(x, "words" if words else "f32" if fma else "int8", interpret=interpret)
     xs = prepare(x, act)
     if words:
         return (lax.bitcast_convert_type(xs[0].reshape(xs[0].shape[0], -1, 4), jnp.int32),) + xs[1:]
@@ -157,8 +154,9 @@ def kernel_inputs(x, fmt: str, act: str, cfg: Config, interpret: bool = False, s
 
 def qmatmul(data, fmt: str, shape, x, tile_expert, act: str, cfg: Config, interpret: bool = False, src=None):
     """Grouped product: data uint8 [E, rows, row_bytes] (GGML rows of E matrices of `shape`), x float
-    [T * tokens, cols] (activation rows; with src int32 [T * tokens], x [N, cols] and tile row i is
-    x[src[i]], zeros where src[i] < 0), tile_expert int32 [T] (matrix of each tile of cfg.tokens
+    [T * tokens, cols] (activation rows; with src int32 [T * tokens], x [N, cols] and tile row i
+    multiplies x[src[i]], read in place: each row of x is prepared once however many tiles use it;
+    rows with src[i] < 0 are undefined), tile_expert int32 [T] (matrix of each tile of cfg.tokens
     rows; negative: skip the tile, its outputs are undefined) -> float32 [T * tokens, rows]."""
     rows, cols = shape
     cfg = fit(cfg.check(), rows, cols)
@@ -172,9 +170,12 @@ def qmatmul(data, fmt: str, shape, x, tile_expert, act: str, cfg: Config, interp
     data = data.reshape(-1)
     if uses_words(fmt, act, cfg, cols):                       # weights as 32-bit words
         data = lax.bitcast_convert_type(data.reshape(-1, 4), jnp.int32)
-    xs = kernel_inputs(x, fmt, act, cfg, interpret, src)
+    xs = kernel_inputs(x, fmt, act, cfg, interpret)
+    if src is not None:
+        xs = (src.astype(jnp.int32),) + xs
     dims = dict(cols=cols, row_bytes=row_bytes, expert_bytes=rows * row_bytes)
-    kernel = functools.partial(_kernel, fmt=fmt, act=act, cfg=cfg, interpret=interpret, **dims)
+    kernel = functools.partial(_kernel, fmt=fmt, act=act, cfg=cfg, interpret=interpret, indirect=src is not None,
+                               **dims)
     out = pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct((cfg.ksplit, n_tiles * cfg.tokens, rows), jnp.float32),
@@ -204,12 +205,19 @@ def _drop(a):
     return a.reshape(a.shape[:-1])
 
 
-def _kernel(te_ref, w_ref, *refs, fmt, act, cfg, interpret, cols, row_bytes, expert_bytes):
+def _kernel(te_ref, w_ref, *refs, fmt, act, cfg, interpret, cols, row_bytes, expert_bytes, indirect):
     *x_refs, o_ref = refs
     t_id, r_id, k_id = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     e = te_ref[t_id]
     steps = cols // CHUNK // cfg.ksplit
     t0 = t_id * cfg.tokens
+    if indirect:                          # tile row t multiplies activation row src[t0 + t]
+        src_ref, *x_refs = x_refs
+        def xrow(t):
+            return jnp.maximum(src_ref[t0 + t], 0)
+    else:
+        def xrow(t):
+            return t0 + t
 
     @pl.when(e >= 0)
     def _():
@@ -225,14 +233,14 @@ def _kernel(te_ref, w_ref, *refs, fmt, act, cfg, interpret, cols, row_bytes, exp
             if cfg.prefetch:                # chunk c + 1's loads are issued before chunk c's arithmetic
                 def ahead(it, carry):
                     acc, loaded = carry
-                    return compute(loaded, acc), load(w_ref, x_refs, *chunk(first + it + 1), t0)
+                    return compute(loaded, acc), load(w_ref, x_refs, *chunk(first + it + 1), xrow)
 
-                acc, loaded = lax.fori_loop(0, steps - 1, ahead, (acc, load(w_ref, x_refs, *chunk(first), t0)))
+                acc, loaded = lax.fori_loop(0, steps - 1, ahead, (acc, load(w_ref, x_refs, *chunk(first), xrow)))
                 store(o_ref, compute(loaded, acc))
                 return
 
-            def step(w_ref, x_refs, b, c, t0, acc):
-                return compute(load(w_ref, x_refs, b, c, t0), acc)
+            def step(w_ref, x_refs, b, c, xrow, acc):
+                return compute(load(w_ref, x_refs, b, c, xrow), acc)
         elif act in FLOAT_ACTS:
             step, acc, store = (_float_fma if cfg.tokens < MIN_DOT else _float_dot)(fmt, cfg, cols)
         else:
@@ -240,7 +248,7 @@ def _kernel(te_ref, w_ref, *refs, fmt, act, cfg, interpret, cols, row_bytes, exp
 
         def body(it, acc):
             for u in range(cfg.unroll):
-                acc = step(w_ref, x_refs, *chunk(first + it * cfg.unroll + u), t0, acc)
+                acc = step(w_ref, x_refs, *chunk(first + it * cfg.unroll + u), xrow, acc)
             return acc
 
         store(o_ref, lax.fori_loop(0, steps // cfg.unroll, body, acc))
@@ -265,9 +273,9 @@ def _float_fma(fmt, cfg, cols):
     lanes = cfg.lanes(fmt)
     one = cfg.tokens == 1
 
-    def step(w_ref, x_refs, base, c, t0, acc):
+    def step(w_ref, x_refs, base, c, xrow, acc):
         (x_ref,) = x_refs
-        xs = [[x_ref[(t0 + t) * cols + _xpos(c, layouts.group_index(fmt, p, 0, g_n, lanes), lanes)]
+        xs = [[x_ref[xrow(t) * cols + _xpos(c, layouts.group_index(fmt, p, 0, g_n, lanes), lanes)]
                for t in range(cfg.tokens)] for p in PARTS]                     # x first: see _kernel
         for p, grp in enumerate(layouts.decode(fmt, w_ref, base, PARTS, 0, g_n, True, lanes)):
             w = layouts.dequantized(fmt, grp)
@@ -291,12 +299,12 @@ def _float_dot(fmt, cfg, cols):
     prec = DOTS[cfg.dot]
     tok = _iota((1, 1, cfg.tokens), 2)
 
-    def step(w_ref, x_refs, base, c, t0, acc):
+    def step(w_ref, x_refs, base, c, xrow, acc):
         (x_ref,) = x_refs
         for grp in layouts.decode(fmt, w_ref, base, PARTS, 0, g_n, scaled=True):
             w = layouts.dequantized(fmt, grp).reshape(cfg.rows, g_n * GROUP)
             pos = c * CHUNK + GROUP * grp.g.reshape(g_n, 1, 1) + _iota((1, GROUP, 1), 1)
-            xv = x_ref[(t0 + tok) * cols + pos].reshape(g_n * GROUP, cfg.tokens)
+            xv = x_ref[xrow(tok) * cols + pos].reshape(g_n * GROUP, cfg.tokens)
             acc = acc + jnp.dot(w, xv, precision=prec, preferred_element_type=jnp.float32)
         return acc
 
@@ -337,17 +345,17 @@ def _int_fma(fmt, cfg, cols, act):
         dots = jnp.sum(q * xq, axis=lanes.value_axes) * jnp.float32(1 / grp.unit)
         return dots if fmt == "q8_0" else dots * per_group(grp.isc).astype(jnp.float32)
 
-    def step(w_ref, x_refs, base, c, t0, acc):
+    def step(w_ref, x_refs, base, c, xrow, acc):
         xq_ref, dx_ref = x_refs[:2]
         toks = range(cfg.tokens)
-        xqs = [[xq_ref[(t0 + t) * cols + _xpos(c, layouts.group_index(fmt, p, 0, g_n, lanes), lanes)]
+        xqs = [[xq_ref[xrow(t) * cols + _xpos(c, layouts.group_index(fmt, p, 0, g_n, lanes), lanes)]
                 for t in toks] for p in PARTS]                                   # x first: see _kernel
         acc, bi, bm = list(acc), [0] * cfg.tokens, [0] * cfg.tokens
         for p, grp in enumerate(layouts.decode(fmt, w_ref, base, PARTS, 0, g_n, fmt != "q6_k", lanes)):
             q = layouts.codes_f32(fmt, grp)
             for t in toks:
                 dots = group_dots(grp, q, xqs[p][t])
-                x32 = (t0 + t) * n_x32 + c * GROUPS + per_group(grp.g)            # [1, G]
+                x32 = xrow(t) * n_x32 + c * GROUPS + per_group(grp.g)            # [1, G]
                 if act == "q8_k":
                     bi[t] = bi[t] + jnp.sum(dots.astype(jnp.int32), axis=1)
                 elif fmt == "q8_0":
@@ -364,7 +372,7 @@ def _int_fma(fmt, cfg, cols, act):
         d = grp.d.reshape(cfg.rows)
         dmin = None if grp.dmin is None else grp.dmin.reshape(cfg.rows)
         return tuple(a + _chunk_scale(act, d, dmin, bi[t], bm[t],
-                                      dx_ref[(t0 + t) * (cols // CHUNK) + c] if act == "q8_k" else None)
+                                      dx_ref[xrow(t) * (cols // CHUNK) + c] if act == "q8_k" else None)
                      for t, a in enumerate(acc))
 
     zeros = tuple(jnp.zeros((cfg.rows,), jnp.float32) for _ in range(cfg.tokens))
@@ -402,15 +410,15 @@ def _int_dot(fmt, cfg, cols, act):
         return (_drop(grp.isc).astype(jnp.float32) * _small_int_f32(idot(jnp.where(first_half, codes, 0), xq))
                 + _drop(grp.isc2).astype(jnp.float32) * _small_int_f32(idot(jnp.where(first_half, 0, codes), xq)))
 
-    def step(w_ref, x_refs, base, c, t0, acc):
+    def step(w_ref, x_refs, base, c, xrow, acc):
         xq_ref, dx_ref = x_refs[:2]
         bi = bm = 0
         for s in range(layouts.GROUPS_PER_PART):
             for grp in layouts.decode(fmt, w_ref, base, PARTS, s, 1):
                 g = grp.g.reshape(1, 1)
-                xq = xq_ref[(t0 + tok) * cols + c * CHUNK + GROUP * g + _iota((GROUP, 1))]   # [32, T]
+                xq = xq_ref[xrow(tok) * cols + c * CHUNK + GROUP * g + _iota((GROUP, 1))]   # [32, T]
                 dots = scaled_dots(grp, xq)
-                x32 = (t0 + tok) * n_x32 + c * GROUPS + g                                     # [1, T]
+                x32 = xrow(tok) * n_x32 + c * GROUPS + g                                     # [1, T]
                 if act == "q8_k":
                     bi = bi + dots
                 elif fmt == "q8_0":
@@ -424,7 +432,7 @@ def _int_dot(fmt, cfg, cols, act):
                     bm = bm + _drop(grp.imin).astype(jnp.float32) * x_refs[2][x32]
         if fmt == "q8_0":
             return acc
-        dxk = dx_ref[(t0 + tok) * (cols // CHUNK) + c] if act == "q8_k" else None
+        dxk = dx_ref[xrow(tok) * (cols // CHUNK) + c] if act == "q8_k" else None
         dmin = None if grp.dmin is None else grp.dmin.reshape(cfg.rows, 1)
         return acc + _chunk_scale(act, grp.d.reshape(cfg.rows, 1), dmin, bi, bm, dxk)
 
@@ -451,7 +459,7 @@ def _int_words(fmt, cfg, cols, act, interpret):
     high nibbles of run c; q8_0: the blocks of pair c) four codes per dp4a; q6_k: of its half groups
     from [R, 4, 2, 4 + 1] words, x's words shifted to meet them (see q6_k_x); then the reference's
     scaling (as _int_fma's). Returns
-    (load, compute, accumulators, store): load(w_ref, x_refs, base, c, t0) reads chunk c's words and
+    (load, compute, accumulators, store): load(w_ref, x_refs, base, c, xrow) reads chunk c's words and
     x's, compute(loaded, acc) adds the chunk to the accumulators."""
     n_x32, n_w = cols // GROUP, cols // 4
     c4 = _iota((1, 4, 1), 1)
@@ -459,20 +467,20 @@ def _int_words(fmt, cfg, cols, act, interpret):
     s4, f2, k4 = _iota((1, 4, 1, 1), 1), _iota((1, 1, 2, 1), 2), _iota((1, 1, 1, 4), 3)
     toks = range(cfg.tokens)
 
-    def load(w_ref, x_refs, base, c, t0):
+    def load(w_ref, x_refs, base, c, xrow):
         xq_ref, dx_ref = x_refs[:2]
         if fmt == "q6_k":
             sh = 2 * (c % 2)                      # odd chunks start 2 bytes into a word (rows: whole words)
             odd = sh > 0
-            xs = [q6_k_x(xq_ref, t0 + t, c, odd) for t in toks]                   # x first: see _kernel
-            dx = [dx_ref[(t0 + t) * (cols // CHUNK) + c] if act == "q8_k" else
-                  [dx_ref[(t0 + t) * n_x32 + c * GROUPS + layouts.q6_k_group(s4, p)] for p in PARTS] for t in toks]
+            xs = [q6_k_x(xq_ref, xrow(t), c, odd) for t in toks]                   # x first: see _kernel
+            dx = [dx_ref[xrow(t) * (cols // CHUNK) + c] if act == "q8_k" else
+                  [dx_ref[xrow(t) * n_x32 + c * GROUPS + layouts.q6_k_group(s4, p)] for p in PARTS] for t in toks]
             return xs, dx, sh, layouts.q6_k_word_load(w_ref, base >> 2, sh)
-        xw = [[xq_ref[(t0 + t) * n_w + c * (CHUNK // 4) + 16 * c4 + 8 * part + m8] for part in PARTS]
+        xw = [[xq_ref[xrow(t) * n_w + c * (CHUNK // 4) + 16 * c4 + 8 * part + m8] for part in PARTS]
               for t in toks]                                                       # x first: see _kernel
-        x32 = [[(t0 + t) * n_x32 + c * GROUPS + 2 * c4 + part for part in PARTS] for t in toks]
+        x32 = [[xrow(t) * n_x32 + c * GROUPS + 2 * c4 + part for part in PARTS] for t in toks]
         if act == "q8_k":
-            dx = [dx_ref[(t0 + t) * (cols // CHUNK) + c] for t in toks]
+            dx = [dx_ref[xrow(t) * (cols // CHUNK) + c] for t in toks]
         else:
             dx = [[dx_ref[i] for i in row] for row in x32]
         wb = (base >> 2)[:, None, None]

@@ -26,19 +26,15 @@ def groups_per_program(cols: int) -> int:
     return next(g for g in (64, 32, 16, 8, 4, 2, 1) if n % g == 0)
 
 
-def q8_blocks(x, codes: str = "int8", *, src=None, interpret: bool = False):
-    """x float32 [N, K] (K a multiple of 32) -> (codes, d float32 [P, K / 32], d · sum of the group's
-    codes float32 [P, K / 32]), codes as CODES says, equal to qmatmul.prepare(x[src], "q8_1")'s: row p
-    of the result quantizes row src[p] of x (int32 [P]; negative: a row of zeros), all rows if src is None."""
+def q8_blocks(x, codes: str = "int8", *, interpret: bool = False):
+    """x float32 [P, K] (K a multiple of 32) -> (codes, d float32 [P, K / 32], d · sum of the group's
+    codes float32 [P, K / 32]), codes as CODES says, equal to qmatmul.prepare(x, "q8_1")'s."""
     if codes not in CODES:
         raise ValueError(f"q8_blocks: codes={codes!r}; valid: {', '.join(CODES)}")
     x = jnp.asarray(x)
     if x.ndim != 2 or x.shape[1] % GROUP:
         raise ValueError(f"q8_blocks: x of shape {x.shape} must be [rows, cols] with cols a multiple of {GROUP}")
-    src = jnp.arange(x.shape[0], dtype=jnp.int32) if src is None else jnp.asarray(src)
-    if src.ndim != 1 or not jnp.issubdtype(src.dtype, jnp.integer):
-        raise ValueError(f"q8_blocks: src must be integer [rows], got {src.dtype} {src.shape}")
-    rows, cols = src.shape[0], x.shape[1]
+    rows, cols = x.shape
     n_groups = cols // GROUP
     per = groups_per_program(cols)
     code_shape = {"int8": ((rows * cols,), jnp.int8), "words": ((rows * cols // _BYTE,), jnp.int32),
@@ -48,12 +44,12 @@ def q8_blocks(x, codes: str = "int8", *, src=None, interpret: bool = False):
         out_shape=(jax.ShapeDtypeStruct(*code_shape), jax.ShapeDtypeStruct((rows * n_groups,), jnp.float32),
                    jax.ShapeDtypeStruct((rows * n_groups,), jnp.float32)),
         grid=(rows, n_groups // per),
-        in_specs=[pl.no_block_spec] * 2,
+        in_specs=[pl.no_block_spec],
         out_specs=[pl.no_block_spec] * 3,
         compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=1),
         interpret=interpret,
         name="quantize_x_q8",
-    )(src.astype(jnp.int32), x.astype(jnp.float32).reshape(-1))
+    )(x.astype(jnp.float32).reshape(-1))
     return q.reshape(rows, -1), d.reshape(rows, n_groups), ds.reshape(rows, n_groups)
 
 
@@ -76,13 +72,12 @@ def _max12(a):
     return jnp.max(jnp.max(a, axis=2, keepdims=True), axis=1, keepdims=True)
 
 
-def _kernel(src_ref, x_ref, q_ref, d_ref, s_ref, *, cols, per, codes, interpret):
+def _kernel(x_ref, q_ref, d_ref, s_ref, *, cols, per, codes, interpret):
     row, blk = pl.program_id(0), pl.program_id(1)
-    source = src_ref[row]
     g = blk * per + _iota((per, 1, 1), 0)                       # group of the row
     word, byte = _iota((1, _WORD, 1), 1), _iota((1, 1, _BYTE), 2)
     pos = _BYTE * word + byte                                    # value 0..31 in its group
-    v = jnp.where(source >= 0, x_ref[jnp.maximum(source, 0) * cols + GROUP * g + pos], 0.0)
+    v = x_ref[row * cols + GROUP * g + pos]
     last_nan = _max12(jnp.where(jnp.isnan(v), pos, -1))          # ggml_amax: a NaN restarts the running max
     amax = _max12(jnp.where(pos > last_nan, jnp.abs(v), 0.0))
     amax = jnp.where(last_nan == GROUP - 1, jnp.nan, amax)

@@ -97,7 +97,8 @@ def expert_qmatvec(w: QTensor, x, expert, act: str = "f32", acc: str = "f32"):
     x, expert = jnp.asarray(x), jnp.asarray(expert, jnp.int32)
     t, k = expert.shape
     if kernels.use_for(w, act, acc, n_tokens=max(1, t * k // w.data.shape[0])):
-        y = kernels.expert_qmatvec_fast(w, _pair_rows(x, k), expert.reshape(-1), act, interpret=not kernels.enabled())
+        y = kernels.expert_qmatvec_fast(w, x.reshape(-1, x.shape[-1]), expert.reshape(-1), act,
+                                        interpret=not kernels.enabled())
         return y.reshape(t, k, -1)
     return reference(w, x, expert, act, acc)
 
