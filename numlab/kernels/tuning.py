@@ -27,8 +27,9 @@ def config_for(fmt: str, act: str, n_tokens: int, rows: int | None = None, cols:
     tokens (MUL_MAT_ID at 4 tokens per expert: 209 us against 252 us for 16-token dot tiles; with 8
     per expert, the 128-token prefill, the dot tiles were faster: 0.148 s against 0.161 s). One token on
     q4_k / q5_k loads a chunk ahead (results/bench/prefetch-h100.json: q4_k 4096×14336 kernel
-    17.4 us against 19.5 us; MUL_MAT_ID 5.8 against 5.6 us, within its spread); q8_0 does not (32.8
-    against 32.1 us per product, results/bench/quantize-x-h100.json)."""
+    17.4 us against 19.5 us; MUL_MAT_ID 5.8 against 5.6 us, within its spread); q6_k and q8_0 do
+    not (results/bench/words-h100.json, per product: q6_k 36.2 against 37.1 us with it, q8_0 32.0
+    against 32.6; MUL_MAT_ID q6_k the other way, 13.5 against 12.6: one timing each)."""
     waves = WAVES
     if n_tokens <= 1:
         cfg = Config(rows=32 if act in FLOAT_ACTS else 16, tokens=1, num_warps=4,
