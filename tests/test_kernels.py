@@ -149,9 +149,10 @@ def test_vmap_folds_into_tokens_and_stacks():
         chex.assert_trees_all_close(jax.jit(f)(*args), ref, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("act,tokens", [("f32", 1), ("q8_1", 16)])
+@pytest.mark.parametrize("act,tokens", [("f32", 1), ("q8_1", 1), ("q8_1", 16)])
 def test_moe_ffn_equals_dense_reference(act, tokens):
-    """Grouped experts = per pair gate/up/down through ops.qmatvec, swiglu, moe_sum."""
+    """Grouped experts = per pair gate/up/down through ops.qmatvec, swiglu, moe_sum (gate and up read
+    each token's row for its k pairs in place: row i // k with a tile per pair, by src in 16-row tiles)."""
     rng = _rng("moe", act)
     n_exp, d, ff, t, k = 4, 256, 256, 3, 2
     gate, up = _weights(rng, "q4_k", (n_exp, ff, d)), _weights(rng, "q4_k", (n_exp, ff, d))
@@ -217,3 +218,6 @@ def test_errors_name_the_bad_value():
         qm.Config(prefetch=True, unroll=2).check()
     assert not kernels.applies(QTensor.from_float(jnp.ones((4, 32)), "q8_0"), "f32", "f32")  # cols % 256
     assert not kernels.applies(w, "f32", "f64")
+    experts = _weights(_rng("err-experts"), "q4_k", (4, 16, 256))
+    with pytest.raises(ValueError, match=r"x of shape \(3, 256\).*dividing the 4 pairs"):
+        kernels.expert_qmatvec_fast(experts, jnp.ones((3, 256)), jnp.zeros(4, jnp.int32))

@@ -11,7 +11,6 @@ import functools
 import jax
 import jax.custom_batching
 import jax.numpy as jnp
-import numpy as np
 
 from numlab.formats import QTensor
 from numlab.kernels import qmatmul as qm
@@ -94,7 +93,7 @@ def _apply(act, config, interpret, w: QTensor, x, expert):
     slot, tile_expert = group_by_expert(expert, w.data.shape[0], cfg.tokens)
     n_rows = tile_expert.shape[0] * cfg.tokens
     if n_rows == pairs:                                   # a tile per pair, in pair order
-        src = None if k == 1 else jnp.asarray(np.arange(pairs, dtype=np.int32) // k)
+        src = None if k == 1 else k
     else:                                                 # each tile row's pair, then its row of x
         pair = tile_sources(slot, n_rows)
         src = pair if k == 1 else jnp.where(pair >= 0, pair // k, -1)

@@ -154,16 +154,19 @@ def kernel_inputs(x, fmt: str, act: str, cfg: Config, interpret: bool = False) -
 
 def qmatmul(data, fmt: str, shape, x, tile_expert, act: str, cfg: Config, interpret: bool = False, src=None):
     """Grouped product: data uint8 [E, rows, row_bytes] (GGML rows of E matrices of `shape`), x float
-    [T * tokens, cols] (activation rows; with src int32 [T * tokens], x [N, cols] and tile row i
-    multiplies x[src[i]], read in place: each row of x is prepared once however many tiles use it;
-    rows with src[i] < 0 are undefined), tile_expert int32 [T] (matrix of each tile of cfg.tokens
-    rows; negative: skip the tile, its outputs are undefined) -> float32 [T * tokens, rows]."""
+    [N, cols] (activation rows, read in place: each is prepared once however many tiles use it), src
+    which row tile row i multiplies: None (row i), an int k (row i // k) or int32 [T * tokens] (row
+    src[i]; where negative, tile row i is undefined), tile_expert int32 [T] (matrix of each tile of
+    cfg.tokens rows; negative: skip the tile, its outputs are undefined) -> float32 [T * tokens, rows]."""
     rows, cols = shape
     cfg = fit(cfg.check(), rows, cols)
     n_tiles = tile_expert.shape[0]
-    n_rows = x.shape[0] if src is None else src.shape[0]
+    per_row = src if isinstance(src, int) else 1
+    indirect = src is not None and not isinstance(src, int)
+    n_rows = src.shape[0] if indirect else x.shape[0] * per_row
     if (n_rows, x.shape[-1]) != (n_tiles * cfg.tokens, cols):
-        raise ValueError(f"qmatmul: activations {x.shape}" + ("" if src is None else f" by src {src.shape}")
+        raise ValueError(f"qmatmul: activations {x.shape}" + (f" by src {src.shape}" if indirect else
+                                                               f", {per_row} tile rows each" if per_row > 1 else "")
                          + f" must be [tiles * tokens, cols] = [{n_tiles} * {cfg.tokens}, {cols}] for {cfg} "
                          f"(fitted to [{rows}, {cols}])")
     row_bytes = formats.row_bytes(fmt, cols)
@@ -171,11 +174,11 @@ def qmatmul(data, fmt: str, shape, x, tile_expert, act: str, cfg: Config, interp
     if uses_words(fmt, act, cfg, cols):                       # weights as 32-bit words
         data = lax.bitcast_convert_type(data.reshape(-1, 4), jnp.int32)
     xs = kernel_inputs(x, fmt, act, cfg, interpret)
-    if src is not None:
+    if indirect:
         xs = (src.astype(jnp.int32),) + xs
     dims = dict(cols=cols, row_bytes=row_bytes, expert_bytes=rows * row_bytes)
-    kernel = functools.partial(_kernel, fmt=fmt, act=act, cfg=cfg, interpret=interpret, indirect=src is not None,
-                               **dims)
+    kernel = functools.partial(_kernel, fmt=fmt, act=act, cfg=cfg, interpret=interpret, indirect=indirect,
+                               per_row=per_row, **dims)
     out = pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct((cfg.ksplit, n_tiles * cfg.tokens, rows), jnp.float32),
@@ -205,7 +208,7 @@ def _drop(a):
     return a.reshape(a.shape[:-1])
 
 
-def _kernel(te_ref, w_ref, *refs, fmt, act, cfg, interpret, cols, row_bytes, expert_bytes, indirect):
+def _kernel(te_ref, w_ref, *refs, fmt, act, cfg, interpret, cols, row_bytes, expert_bytes, indirect, per_row):
     *x_refs, o_ref = refs
     t_id, r_id, k_id = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     e = te_ref[t_id]
@@ -217,7 +220,7 @@ def _kernel(te_ref, w_ref, *refs, fmt, act, cfg, interpret, cols, row_bytes, exp
             return jnp.maximum(src_ref[t0 + t], 0)
     else:
         def xrow(t):
-            return t0 + t
+            return (t0 + t) // per_row if per_row > 1 else t0 + t
 
     @pl.when(e >= 0)
     def _():
