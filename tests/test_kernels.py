@@ -91,12 +91,15 @@ def test_kernel_equals_reference(fmt, act, n, cfg):
 
 
 @pytest.mark.parametrize("cols,act,cfg", [(768, "q8_1", qm.Config(rows=16, tokens=1)),
+                                          (768, "q8_k", qm.Config(rows=16, tokens=2, ksplit=3, prefetch=True)),
                                           (1536, "q8_1", qm.Config(rows=16, tokens=1, ksplit=2, prefetch=True)),
                                           (1536, "q8_k", qm.Config(rows=16, tokens=2, ksplit=2))])
 def test_q6_k_words_in_odd_super_blocks(cols, act, cfg):
-    """q6_k's 210-byte super-blocks: words where a row holds an even number of them, the odd ones
-    starting mid-word (here a column split starts on one), bytes where a row holds an odd number."""
-    assert qm.uses_words("q6_k", act, cfg, cols) == (cols % 512 == 0)
+    """q6_k's 210-byte super-blocks as words, the odd ones starting mid-word: x shifted to meet them
+    where a row holds an even number (here a column split starts on one), the weight words rebuilt
+    where it holds an odd number (every second row starts mid-word); bytes for tiles of one row."""
+    assert qm.uses_words("q6_k", act, cfg, cols)
+    assert qm.uses_words("q6_k", act, qm.Config(rows=1), cols) == (cols % 512 == 0)
     rng = _rng("q6_k-odd", cols, act)
     w = _weights(rng, "q6_k", (16, cols))
     x = jnp.asarray(rng.standard_normal((cfg.tokens, cols)) * 3, jnp.float32)

@@ -286,32 +286,47 @@ def q6_k_group(s, part):
     return _GROUP_OF["q6_k"](s, part)
 
 
-def q6_k_word_load(ref, wb, sh, parts=PARTS):
-    """The words of the q6_k super-blocks at byte offsets 4·wb + sh of the int32 ref (wb int32 [R], sh
-    0 or 2 for every row), as [R, run s, half f, word k]: ql's word 8s + 4f + k holds chunk bytes
-    32s + 16f + 4k − sh ... + 3 (qh's likewise from byte 128). Per part p (low, high nibbles): the signed 6-bit scales of the half
-    groups [R, 4, 2, 1]; then d's word [R, 1, 1, 1]; the code words last (see decode): ql [R, 4, 2, 4]
-    and the word after each half group's four [R, 4, 2, 1], qh likewise (shared by runs 2h and 2h + 1)."""
+def q6_k_word_load(ref, wb, sh, rebuild: bool = False):
+    """The words of the q6_k super-blocks at byte offsets 4·wb + sh of the int32 ref (wb int32 [R]), as
+    [R, run s, half f, word k]. sh 0 or 2 for every row: ql's raw word 8s + 4f + k holds chunk bytes
+    32s + 16f + 4k − sh ... + 3 (qh's likewise from byte 128), and the word after each half group's four
+    comes too [R, 4, 2, 1]; rebuild (sh int32 [R], per row): each code word is rebuilt from two raw
+    words to hold bytes 32s + 16f + 4k ... + 3 exactly, and no word after. Per part p (low, high
+    nibbles): the signed 6-bit scales of the half groups [R, 4, 2, 1]; then d's word; the code words
+    last (see decode): ql [R, 4, 2, 4], its words after, qh, its words after (qh's shared by runs 2h
+    and 2h + 1)."""
     s, f, k = _iota((1, 4, 1, 1), 1), _iota((1, 1, 2, 1), 2), _iota((1, 1, 1, 4), 3)
     wb = wb[:, None, None, None]
+    if rebuild:
+        sh = sh[:, None, None, None]
     scales = []
-    for p in range(parts):
+    for p in range(PARTS):
         pos = sh + 2 * q6_k_group(s, p) + f                   # byte of the half group's scale
         word = ref[wb + 48 + (pos >> 2)]
         scales.append((word << (24 - 8 * (pos & 3))) >> 24)
     d_word = ref[wb + 52]
     ql, qh = wb + 8 * s + 4 * f, wb + 32 + 8 * (s // 2) + 4 * f
-    return scales, d_word, ref[ql + k], ref[ql + 4], ref[qh + k], ref[qh + 4]
+    if not rebuild:
+        return scales, d_word, ref[ql + k], ref[ql + 4], ref[qh + k], ref[qh + 4]
+
+    def exact(w):
+        """Chunk bytes 4i .. 4i + 3 from raw words i and i + 1: a funnel shift by 8·sh bits."""
+        bits = 8 * sh
+        low = (ref[w] >> bits) & jnp.where(bits > 0, 0xFFFF, -1)
+        return low | ((ref[w + 1] << 16) << (16 - bits))
+    return scales, d_word, exact(ql + k), None, exact(qh + k), None
 
 
 def q6_k_word_groups(scales, d_word, ql, ql_next, qh, qh_next, sh) -> tuple:
     """d float32 [R, 1, 1, 1] and per part p the code words of groups g = 4·(s // 2) + s % 2 + 2p of
     q6_k_word_load's words: levels 0..63 per byte (unbiased), [R, 4, 2, 4] and the next word's
-    [R, 4, 2, 1], with the half groups' scales int32 [R, 4, 2, 1]."""
+    [R, 4, 2, 1] (None where rebuilt), with the half groups' scales int32 [R, 4, 2, 1]."""
     s = _iota((1, 4, 1, 1), 1)
     out = []
     for p, sc in enumerate(scales):
         shift = 2 * (s % 2) + 4 * p
-        out.append(tuple(((q >> (4 * p)) & 0x0F0F0F0F) | (((h >> shift) & 0x03030303) << 4)
-                         for q, h in ((ql, qh), (ql_next, qh_next))) + (sc,))
+        codes = [None if q is None else ((q >> (4 * p)) & 0x0F0F0F0F) | (((h >> shift) & 0x03030303) << 4)
+                 for q, h in ((ql, qh), (ql_next, qh_next))]
+        out.append((*codes, sc))
+    sh = sh if jnp.ndim(sh) == 0 else sh.reshape(-1, 1, 1, 1)
     return _f16_bits(d_word >> (8 * sh)), out

@@ -12,7 +12,7 @@ float rounding; the dequantized weights are bit-identical):
 - q8_1 / q8_0 / q8_k: x quantized before the kernel (q8_1 / q8_0 by numlab.kernels.quantize_x, q8_k by
   numlab's codec); exact int32 dots of codes per group of 32 (tensor-core int8 dots for 16 or more
   tokens), then the reference's float scaling. For
-  fewer than 16 tokens (`Config.words`; q6_k rows of an even number of super-blocks), the weights are read as 32-bit words and the
+  fewer than 16 tokens (`Config.words`), the weights are read as 32-bit words and the
   codes multiplied four at a time by the GPU's byte dot product (dp4a), as llama.cpp's MMVQ does.
 Accumulation is float32.
 """
@@ -194,9 +194,9 @@ def qmatmul(data, fmt: str, shape, x, tile_expert, act: str, cfg: Config, interp
 
 def uses_words(fmt: str, act: str, cfg: Config, cols: int) -> bool:
     """Whether the kernel for (fmt, act, cfg) on rows of `cols` values reads 32-bit words with byte dot
-    products (_int_words): q6_k's 210-byte super-blocks only where a row holds an even number."""
+    products (_int_words): q6_k's 210-byte super-blocks where a tile of rows is whole words."""
     return (cfg.words and act in INT_ACTS.get(fmt, ()) and fmt in layouts.WORD_FORMATS and cfg.tokens < MIN_DOT
-            and (fmt != "q6_k" or cols % (2 * CHUNK) == 0))
+            and (fmt != "q6_k" or cols % (2 * CHUNK) == 0 or cfg.rows % 2 == 0))
 
 
 def _iota(shape, dim=0):
@@ -468,17 +468,17 @@ def _int_words(fmt, cfg, cols, act, interpret):
     c4 = _iota((1, 4, 1), 1)
     m8 = _iota((1, 1, 8), 2)
     s4, f2, k4 = _iota((1, 4, 1, 1), 1), _iota((1, 1, 2, 1), 2), _iota((1, 1, 1, 4), 3)
+    whole_words = cols % (2 * CHUNK) == 0       # q6_k rows of whole words: one shift per chunk
     toks = range(cfg.tokens)
 
     def load(w_ref, x_refs, base, c, xrow):
         xq_ref, dx_ref = x_refs[:2]
-        if fmt == "q6_k":
-            sh = 2 * (c % 2)                      # odd chunks start 2 bytes into a word (rows: whole words)
-            odd = sh > 0
-            xs = [q6_k_x(xq_ref, xrow(t), c, odd) for t in toks]                   # x first: see _kernel
+        if fmt == "q6_k":                         # odd super-blocks start 2 bytes into a word
+            sh = 2 * (c % 2) if whole_words else base & 3
+            xs = [q6_k_x(xq_ref, xrow(t), c, sh > 0 if whole_words else None) for t in toks]   # x first
             dx = [dx_ref[xrow(t) * (cols // CHUNK) + c] if act == "q8_k" else
                   [dx_ref[xrow(t) * n_x32 + c * GROUPS + layouts.q6_k_group(s4, p)] for p in PARTS] for t in toks]
-            return xs, dx, sh, layouts.q6_k_word_load(w_ref, base >> 2, sh)
+            return xs, dx, sh, layouts.q6_k_word_load(w_ref, base >> 2, sh, rebuild=not whole_words)
         xw = [[xq_ref[xrow(t) * n_w + c * (CHUNK // 4) + 16 * c4 + 8 * part + m8] for part in PARTS]
               for t in toks]                                                       # x first: see _kernel
         x32 = [[xrow(t) * n_x32 + c * GROUPS + 2 * c4 + part for part in PARTS] for t in toks]
@@ -494,17 +494,22 @@ def _int_words(fmt, cfg, cols, act, interpret):
 
     def q6_k_x(xq_ref, t, c, odd):
         """Row t's code words against q6_k_word_load's words of chunk c, per part: [1, 4, 2, 4] and the
-        next word [1, 4, 2, 1] (in odd chunks shifted 2 bytes on; codes outside the half group zero),
-        and the half groups' sums of codes [1, 4, 2, 1] (for the bias 32 of the levels)."""
+        next word [1, 4, 2, 1] (in odd chunks shifted 2 bytes on; codes outside the half group zero;
+        odd None: against rebuilt words, as they are and no next word), and the half groups' sums of
+        codes [1, 4, 2, 1] (for the bias 32 of the levels)."""
         out = []
         for p in PARTS:
             w0 = t * n_w + c * (CHUNK // 4) + 8 * layouts.q6_k_group(s4, p) + 4 * f2
             own = xq_ref[w0 + k4]
+            ones = jnp.full(own.shape, 0x01010101, jnp.int32)
+            sums = jnp.sum(_dp4a(own, ones, interpret), axis=3, keepdims=True, dtype=jnp.int32)
+            if odd is None:
+                out.append((own, None, sums))
+                continue
             before = jnp.where(k4 > 0, xq_ref[w0 + jnp.maximum(k4 - 1, 0)], 0)
             main = jnp.where(odd, ((before >> 16) & 0xFFFF) | (own << 16), own)
             after = jnp.where(odd, (xq_ref[w0 + 3] >> 16) & 0xFFFF, 0)
-            ones = jnp.full(own.shape, 0x01010101, jnp.int32)
-            out.append((main, after, jnp.sum(_dp4a(own, ones, interpret), axis=3, keepdims=True, dtype=jnp.int32)))
+            out.append((main, after, sums))
         return out
 
     def q6_k_compute(loaded, acc):
@@ -514,8 +519,9 @@ def _int_words(fmt, cfg, cols, act, interpret):
         for t, a in enumerate(acc):
             bi = 0
             for p, ((codes, after, sc), (xm, xa, xsum)) in enumerate(zip(parts, xs[t])):
-                dots = (jnp.sum(_dp4a(codes, xm, interpret), axis=3, keepdims=True, dtype=jnp.int32)
-                        + _dp4a(after, xa, interpret) - 32 * xsum)                    # [R, 4, 2, 1] half groups
+                dots = jnp.sum(_dp4a(codes, xm, interpret), axis=3, keepdims=True, dtype=jnp.int32) - 32 * xsum
+                if after is not None:
+                    dots = dots + _dp4a(after, xa, interpret)                         # [R, 4, 2, 1] half groups
                 isum = jnp.sum(sc * dots, axis=(2, 3), keepdims=True, dtype=jnp.int32)  # [R, 4, 1, 1] groups
                 bi = bi + (jnp.sum(isum, axis=(1, 2, 3), dtype=jnp.int32) if act == "q8_k"
                            else jnp.sum(dx[t][p] * isum.astype(jnp.float32), axis=(1, 2, 3)))
