@@ -368,24 +368,26 @@ def run(cases=None, repeats: int = 10, budget_s: float = 240.0, seed: int = 0, c
 
 def check_all(key, deadline: float, log=print) -> list:
     """Every format through the default tilings of each code path (float and integer modes; 1, 3 and
-    17 tokens; bf16 and f16, which differ from f32 only in x's rounding before the kernel, on q4_k)
-    against the reference on fresh random inputs, small shapes: [{fmt, act, n, max_err_over_scale, ok}]."""
+    17 tokens; bf16 and f16, which differ from f32 only in x's rounding before the kernel, on q4_k;
+    q6_k's integer word kernels also on 768 columns, odd super-blocks per row) against the reference
+    on fresh random inputs, small shapes: [{fmt, act, n, cols, max_err_over_scale, ok}]."""
     from numlab.kernels import tuning
     out = []
     cpu_int = {"q4_k": "q8_k", "q5_k": "q8_k", "q6_k": "q8_k", "q8_0": "q8_0"}
-    for i, fmt in enumerate(("q4_k", "q6_k", "q8_0", "q5_k")):
+    for i, (fmt, cols) in enumerate((("q4_k", 1024), ("q6_k", 1024), ("q8_0", 1024), ("q5_k", 1024), ("q6_k", 768))):
         combos = [("f32", 1), ("q8_1", 1), ("q8_1", 17), ("f32", 17), (cpu_int[fmt], 3)]
+        combos = [("q8_1", 1), ("q8_k", 3)] if cols == 768 else combos
         combos += [("bf16", 3), ("f16", 1)] if fmt == "q4_k" else []
-        ws = random_weights(jax.random.fold_in(key, i), fmt, 1, 256, 1024)
+        ws = random_weights(jax.random.fold_in(key, i), fmt, 1, 256, cols)
         for j, (act, n) in enumerate(combos):
-            case = Case(fmt, 256, 1024, n, act, "check")
-            entry = {"fmt": fmt, "act": act, "n": n}
+            case = Case(fmt, 256, cols, n, act, "check")
+            entry = {"fmt": fmt, "act": act, "n": n, "cols": cols}
             if time.perf_counter() > deadline:
                 entry["skipped_for_time"] = True
                 out.append(entry)
                 continue
-            cfg = tuning.config_for(fmt, act, n, 256, 1024)
-            x = jax.random.normal(jax.random.fold_in(key, 100 * i + j), (n, 1024), jnp.float32)
+            cfg = tuning.config_for(fmt, act, n, 256, cols)
+            x = jax.random.normal(jax.random.fold_in(key, 100 * i + j), (n, cols), jnp.float32)
             try:
                 y = kernel_product(case, cfg)(ws[0], x)
                 ref = reference_product(case)(ws[0], x)
@@ -395,7 +397,8 @@ def check_all(key, deadline: float, log=print) -> list:
             except Exception as e:  # recorded, the run goes on
                 entry.update(ok=False, error=f"{type(e).__name__}: {e}"[:2000])
             entry["config"] = config_dict(cfg)
-            log(f"check {fmt} act={act} n={n}: ok={entry['ok']} {entry.get('max_err_over_scale', entry.get('error'))}")
+            log(f"check {fmt} {cols} columns act={act} n={n}: ok={entry['ok']} "
+                f"{entry.get('max_err_over_scale', entry.get('error'))}")
             out.append(entry)
     return out
 

@@ -141,7 +141,8 @@ def _cfg(rows, tokens=1, ksplit=1, warps=4):
 
 
 def default_cases():
-    """(case, configs): the MUL_MAT_ID rows of issue 7, each led by the tuned config (matvec.tuned_first)."""
+    """(case, configs): the MUL_MAT_ID rows of issue 7 and the Q6_K ffn_down of Qwen3-30B-A3B's Q4_K_M
+    (768 columns: odd super-blocks per row), each led by the tuned config (matvec.tuned_first)."""
     one = [_cfg(16, ksplit=4), _cfg(16, ksplit=2), _cfg(32, ksplit=2, warps=8), _cfg(8, ksplit=4)]
     few_int = [_cfg(32, tokens=4, ksplit=2), _cfg(32, tokens=8, ksplit=2), _cfg(64, tokens=16), _cfg(16, tokens=4, ksplit=4)]
     many_int = [_cfg(64, tokens=16), _cfg(64, tokens=32), _cfg(128, tokens=16, warps=8)]
@@ -150,6 +151,7 @@ def default_cases():
     q4 = lambda n, act: mv.Case("q4_k", D_FF, D_MODEL, n, act, "mul_mat_id")
     cases = [(q4(1, "q8_1"), one), (q4(64, "q8_1"), few_int), (q4(256, "q8_1"), many_int),
              (mv.Case("q6_k", D_FF, D_MODEL, 1, "q8_1", "mul_mat_id"), one[:2]),
+             (mv.Case("q6_k", D_MODEL, D_FF, 1, "q8_1", "mul_mat_id"), one[:2]),     # Q4_K_M's Q6_K ffn_down
              (q4(1, "f32"), one[:2]), (q4(64, "f32"), few_float), (q4(256, "f32"), many_float)]
     return [(c, mv.tuned_first(c, cfgs, max(1, c.n * TOP_K // N_EXPERTS))) for c, cfgs in cases]
 

@@ -1,10 +1,11 @@
 """A MoE layer's expert products with the tokens grouped by expert: no Python loop over experts.
 
 The P (token, expert) pairs are sorted by expert and laid out in tiles of `tokens` rows, each tile
-holding pairs of one expert only (numlab.ops.experts.group_by_expert; the kernel reads each tile row's
-activation row in place, so a token's row is prepared once for its k experts), so one kernel launch per projection multiplies every tile by its expert's
-quantized weights and a prompt costs what the distinct experts it touches cost. Results are
-numlab.ops.expert_qmatvec's (to float rounding).
+holding pairs of one expert only (numlab.ops.experts.group_by_expert; the kernel reads each tile
+row's activation row in place, so a token's row is prepared once for its k experts), so one kernel
+launch per projection multiplies every tile by its expert's quantized weights and a prompt costs
+what the distinct experts it touches cost. Results are numlab.ops.expert_qmatvec's (to float
+rounding).
 """
 import functools
 
