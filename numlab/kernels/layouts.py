@@ -263,6 +263,11 @@ def word_groups(head, qh, qs, c4) -> list:
     return out
 
 
+def halves(lo, hi):
+    """int32 words 2 bytes on from lo: lo's high half, then hi's low half."""
+    return ((lo >> 16) & 0xFFFF) | (hi << 16)
+
+
 def q8_0_word_load(ref, wb, c4, m8):
     """The words of the q8_0 chunks at word offsets wb int32 [R, 1, 1] of the int32 ref, four pairs of
     34-byte blocks (17 words) each: a pair's words 0 and 8 [R, 4, 1] (the fp16 scales of its even block,
@@ -276,8 +281,7 @@ def q8_0_word_groups(first, ninth, lo, hi, odd, c4) -> list:
     """[Groups] of the even (groups 2c) and odd (2c + 1) blocks of q8_0_word_load's words: codes int32
     [R, 4, 8] are words of four signed codes (the even block's rebuilt from the high half of one word
     and the low half of the next), d float32 [R, 4, 1]; no integer scales or mins."""
-    even = ((lo >> 16) & 0xFFFF) | (hi << 16)
-    return [Groups(even, 1, 2 * c4, _f16_bits(first), None, None, None, None, None),
+    return [Groups(halves(lo, hi), 1, 2 * c4, _f16_bits(first), None, None, None, None, None),
             Groups(odd, 1, 2 * c4 + 1, _f16_bits(ninth >> 16), None, None, None, None, None)]
 
 
@@ -310,10 +314,8 @@ def q6_k_word_load(ref, wb, sh, rebuild: bool = False):
         return scales, d_word, ref[ql + k], ref[ql + 4], ref[qh + k], ref[qh + 4]
 
     def exact(w):
-        """Chunk bytes 4i .. 4i + 3 from raw words i and i + 1: a funnel shift by 8·sh bits."""
-        bits = 8 * sh
-        low = (ref[w] >> bits) & jnp.where(bits > 0, 0xFFFF, -1)
-        return low | ((ref[w + 1] << 16) << (16 - bits))
+        """Chunk bytes 4i .. 4i + 3 from raw words i and i + 1."""
+        return jnp.where(sh > 0, halves(ref[w], ref[w + 1]), ref[w])
     return scales, d_word, exact(ql + k), None, exact(qh + k), None
 
 

@@ -95,9 +95,8 @@ def _apply(act, config, interpret, w: QTensor, x, expert):
     n_rows = tile_expert.shape[0] * cfg.tokens
     if n_rows == pairs:                                   # a tile per pair, in pair order
         src = None if k == 1 else k
-    else:                                                 # each tile row's pair, then its row of x
-        pair = tile_sources(slot, n_rows)
-        src = pair if k == 1 else jnp.where(pair >= 0, pair // k, -1)
+    else:                                                 # each tile row's pair's row of x (-1 stays -1)
+        src = tile_sources(slot, n_rows) // k
     y = qm.qmatmul(w.data, w.fmt, w.shape, x.astype(jnp.float32), tile_expert, act, cfg, interpret, src)
     return from_tiles(y, slot)
 

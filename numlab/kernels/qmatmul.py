@@ -507,8 +507,8 @@ def _int_words(fmt, cfg, cols, act, interpret):
                 out.append((own, None, sums))
                 continue
             before = jnp.where(k4 > 0, xq_ref[w0 + jnp.maximum(k4 - 1, 0)], 0)
-            main = jnp.where(odd, ((before >> 16) & 0xFFFF) | (own << 16), own)
-            after = jnp.where(odd, (xq_ref[w0 + 3] >> 16) & 0xFFFF, 0)
+            main = jnp.where(odd, layouts.halves(before, own), own)
+            after = jnp.where(odd, layouts.halves(xq_ref[w0 + 3], 0), 0)
             out.append((main, after, sums))
         return out
 
