@@ -320,15 +320,17 @@ MANY_TOKENS_FLOAT = [_cfg(64, tokens=32, warps=8), _cfg(32, tokens=16, warps=4),
 
 def tuned_first(case: Case, configs, tokens_per_matrix: int | None = None) -> list:
     """numlab.kernels.tuning's config for the case (what the model runs) first; below 16 tokens in an
-    integer mode also it on bytes (words=False) and, for one token, with prefetch flipped; then
-    configs (tokens_per_matrix: the tuning's token count, default case.n)."""
+    integer mode also it on bytes (words=False), for one token with prefetch flipped and in q8_1 / q8_0
+    with fuse_x flipped; then configs (tokens_per_matrix: the tuning's token count, default case.n)."""
     from numlab.kernels import tuning
     tuned = tuning.config_for(case.fmt, case.act, tokens_per_matrix or case.n, case.rows, case.cols)
     out = [tuned]
     if qm.uses_words(case.fmt, case.act, tuned, case.cols):
-        out.append(dataclasses.replace(tuned, words=False, prefetch=False))
+        out.append(dataclasses.replace(tuned, words=False, prefetch=False, fuse_x=False))
         if tuned.tokens == 1:
             out.append(dataclasses.replace(tuned, prefetch=not tuned.prefetch))
+        if case.act in ("q8_1", "q8_0"):
+            out.append(dataclasses.replace(tuned, fuse_x=not tuned.fuse_x))
     return out + [c for c in configs if c not in out]
 
 

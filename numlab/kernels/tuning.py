@@ -25,18 +25,20 @@ def config_for(fmt: str, act: str, n_tokens: int, rows: int | None = None, cols:
     4 warps (faster than 8 for every format on the H100, results/bench/matvec.json), 16 rows for
     integer modes, 32 for float; integer modes on the word formats keep byte dot products up to 4
     tokens (MUL_MAT_ID at 4 tokens per expert: 209 us against 252 us for 16-token dot tiles; with 8
-    per expert, the 128-token prefill, the dot tiles were faster: 0.148 s against 0.161 s). One token on
-    q4_k / q5_k loads a chunk ahead (results/bench/prefetch-h100.json: q4_k 4096×14336 kernel
-    17.4 us against 19.5 us; MUL_MAT_ID 5.8 against 5.6 us, within its spread); q6_k and q8_0 do
-    not (results/bench/words-h100.json, per product: q6_k 36.2 against 37.1 us with it, q8_0 32.0
-    against 32.6; MUL_MAT_ID q6_k the other way, 13.5 against 12.6: one timing each)."""
+    per expert, the 128-token prefill, the dot tiles were faster: 0.148 s against 0.161 s). One token
+    loads a chunk ahead on q4_k, q5_k and q6_k, not q8_0 (results/bench/matvec.json, moe.json, per
+    product: q4_k 4096×14336 20.9 against 22.8 us, q6_k 32.3 against 35.4, q6_k lm_head 125.2
+    against 137.6, MUL_MAT_ID q6_k 11.6 against 12.0; q8_0 33.5 against 32.9) and quantizes q8_1 /
+    q8_0 activations inside the product (fuse_x). Float modes at 2 to 8 tokens: 16 rows, 4 warps
+    (q4_k 4096×14336 at 8 tokens: 104.9 us against 265.3 with 32 rows and 8 warps)."""
     waves = WAVES
     if n_tokens <= 1:
-        cfg = Config(rows=32 if act in FLOAT_ACTS else 16, tokens=1, num_warps=4,
-                     prefetch=act not in FLOAT_ACTS and fmt in ("q4_k", "q5_k"))
+        integer = act not in FLOAT_ACTS
+        cfg = Config(rows=16 if integer else 32, tokens=1, num_warps=4,
+                     prefetch=integer and fmt in ("q4_k", "q5_k", "q6_k"), fuse_x=integer)
         waves = 2 * WAVES
     elif act in FLOAT_ACTS and n_tokens <= 8:
-        cfg = Config(rows=32, tokens=_pow2_at_least(n_tokens), num_warps=8)
+        cfg = Config(rows=16, tokens=_pow2_at_least(n_tokens), num_warps=4)
     elif act in FLOAT_ACTS:
         cfg = Config(rows=64, tokens=32, num_warps=8)
     elif n_tokens <= 4 and fmt in WORD_FORMATS:
