@@ -305,7 +305,8 @@ def _cfg(rows, tokens=1, ksplit=1, unroll=1, warps=4, stages=3, dot="f32", lane_
 
 
 # Variants, the expected best first (a run out of time keeps the first ones).
-ONE_TOKEN = [_cfg(16, ksplit=4), _cfg(32, ksplit=8), _cfg(16, ksplit=8), _cfg(32, ksplit=4),
+ONE_TOKEN = [qm.Config(rows=16, ksplit=7, prefetch=True, fuse_x=True), qm.Config(rows=16, ksplit=8, prefetch=True, fuse_x=True),
+             _cfg(16, ksplit=4), _cfg(32, ksplit=8), _cfg(16, ksplit=8), _cfg(32, ksplit=4),
              _cfg(16, ksplit=4, unroll=2), _cfg(8, ksplit=4), _cfg(16, ksplit=4, warps=2), _cfg(64, ksplit=8),
              _cfg(32, ksplit=4, warps=8), _cfg(16, ksplit=8, words=False), _cfg(32, ksplit=8, stages=1)]
 FEW_TOKENS_INT = [_cfg(32, tokens=8, ksplit=8), _cfg(32, tokens=8, ksplit=4), _cfg(64, tokens=16, ksplit=4),
