@@ -305,7 +305,7 @@ def _cfg(rows, tokens=1, ksplit=1, unroll=1, warps=4, stages=3, dot="f32", lane_
 
 
 # Variants, the expected best first (a run out of time keeps the first ones).
-ONE_TOKEN = [qm.Config(rows=16, ksplit=7, prefetch=True, fuse_x=True), qm.Config(rows=16, ksplit=8, prefetch=True, fuse_x=True),
+ONE_TOKEN = [qm.Config(rows=16, ksplit=7, prefetch=True), qm.Config(rows=16, ksplit=8, prefetch=True),
              _cfg(16, ksplit=4), _cfg(32, ksplit=8), _cfg(16, ksplit=8), _cfg(32, ksplit=4),
              _cfg(16, ksplit=4, unroll=2), _cfg(8, ksplit=4), _cfg(16, ksplit=4, warps=2), _cfg(64, ksplit=8),
              _cfg(32, ksplit=4, warps=8), _cfg(16, ksplit=8, words=False), _cfg(32, ksplit=8, stages=1)]
@@ -321,17 +321,15 @@ MANY_TOKENS_FLOAT = [_cfg(64, tokens=32, warps=8), _cfg(32, tokens=16, warps=4),
 
 def tuned_first(case: Case, configs, tokens_per_matrix: int | None = None) -> list:
     """numlab.kernels.tuning's config for the case (what the model runs) first; below 16 tokens in an
-    integer mode also it on bytes (words=False), for one token with prefetch flipped and in q8_1 / q8_0
-    with fuse_x flipped; then configs (tokens_per_matrix: the tuning's token count, default case.n)."""
+    integer mode also it on bytes (words=False) and, for one token, with prefetch flipped; then configs
+    (tokens_per_matrix: the tuning's token count, default case.n)."""
     from numlab.kernels import tuning
     tuned = tuning.config_for(case.fmt, case.act, tokens_per_matrix or case.n, case.rows, case.cols)
     out = [tuned]
     if qm.uses_words(case.fmt, case.act, tuned, case.cols):
-        out.append(dataclasses.replace(tuned, words=False, prefetch=False, fuse_x=False))
+        out.append(dataclasses.replace(tuned, words=False, prefetch=False))
         if tuned.tokens == 1:
             out.append(dataclasses.replace(tuned, prefetch=not tuned.prefetch))
-        if case.act in ("q8_1", "q8_0"):
-            out.append(dataclasses.replace(tuned, fuse_x=not tuned.fuse_x))
     return out + [c for c in configs if c not in out]
 
 

@@ -54,9 +54,7 @@ class Config:
     words and use byte dot products (uses_words), else bytes and float multiply-adds;
     prefetch: those word kernels load chunk c + 1 before the arithmetic of chunk c (one chunk per
     iteration, unroll must be 1); x_kernel: q8_1 / q8_0 activations quantized by one Pallas kernel
-    (numlab.kernels.quantize_x), else by XLA (prepare); fuse_x: the word kernels quantize q8_1 / q8_0
-    groups of float32 x themselves, as they load them (quantize_x's arithmetic, the same codes), no
-    launch before the product (fuses_x)."""
+    (numlab.kernels.quantize_x), else by XLA (prepare)."""
 
     rows: int = 16
     tokens: int = 1
@@ -69,7 +67,6 @@ class Config:
     words: bool = True
     prefetch: bool = False
     x_kernel: bool = True
-    fuse_x: bool = False
 
     def check(self):
         for name in ("rows", "tokens"):
@@ -146,8 +143,6 @@ def kernel_inputs(x, fmt: str, act: str, cfg: Config, interpret: bool = False) -
     as 32-bit words of four (uses_words), as float32 (other multiply-add paths) or int8 (dot tiles);
     q8_1 / q8_0 by quantize_x's kernel where cfg.x_kernel."""
     words = uses_words(fmt, act, cfg, x.shape[-1])
-    if fuses_x(fmt, act, cfg, x.shape[-1]):
-        return (x.astype(jnp.float32),)
     fma = act not in FLOAT_ACTS and cfg.tokens < MIN_DOT and not words
     if act in ("q8_1", "q8_0") and cfg.x_kernel:
         return quantize_x.q8_blocks(x, "words" if words else "f32" if fma else "int8", interpret=interpret)
@@ -202,11 +197,6 @@ def uses_words(fmt: str, act: str, cfg: Config, cols: int) -> bool:
     products (_int_words): q6_k's 210-byte super-blocks where a tile of rows is whole words."""
     return (cfg.words and act in INT_ACTS.get(fmt, ()) and fmt in layouts.WORD_FORMATS and cfg.tokens < MIN_DOT
             and (fmt != "q6_k" or cols % (2 * CHUNK) == 0 or cfg.rows % 2 == 0))
-
-
-def fuses_x(fmt: str, act: str, cfg: Config, cols: int) -> bool:
-    """Whether the kernel for (fmt, act, cfg) quantizes x itself (Config.fuse_x on a q8_1 / q8_0 word kernel)."""
-    return cfg.fuse_x and act in ("q8_1", "q8_0") and uses_words(fmt, act, cfg, cols)
 
 
 def _iota(shape, dim=0):
@@ -480,21 +470,8 @@ def _int_words(fmt, cfg, cols, act, interpret):
     s4, f2, k4 = _iota((1, 4, 1, 1), 1), _iota((1, 1, 2, 1), 2), _iota((1, 1, 1, 4), 3)
     whole_words = cols % (2 * CHUNK) == 0       # q6_k rows of whole words: one shift per chunk
     toks = range(cfg.tokens)
-    fused = fuses_x(fmt, act, cfg, cols)
-    pos4 = 4 * m8[..., None] + _iota((1, 1, 1, 4), 3)              # value of x word m8's bytes in its group
 
     def load(w_ref, x_refs, base, c, xrow):
-        if fused and fmt == "q6_k":
-            sh = 2 * (c % 2) if whole_words else base & 3
-            xs = [q6_k_x_values(x_refs[0], xrow(t), c, sh if whole_words else None) for t in toks]   # x first
-            return xs, None, sh, layouts.q6_k_word_load(w_ref, base >> 2, sh, rebuild=not whole_words)
-        if fused:
-            xv = [[x_refs[0][xrow(t) * cols + c * CHUNK + GROUP * (2 * c4 + part)[..., None] + pos4]
-                   for part in PARTS] for t in toks]                               # x first: see _kernel
-            wb = (base >> 2)[:, None, None]
-            words = (layouts.q8_0_word_load(w_ref, wb, c4, m8) if fmt == "q8_0"
-                     else layouts.word_load(fmt, w_ref, wb, c4, m8))
-            return xv, None, None, words
         xq_ref, dx_ref = x_refs[:2]
         if fmt == "q6_k":                         # odd super-blocks start 2 bytes into a word
             sh = 2 * (c % 2) if whole_words else base & 3
@@ -535,46 +512,8 @@ def _int_words(fmt, cfg, cols, act, interpret):
             out.append((main, after, sums))
         return out
 
-    def x_words(xv):
-        """Float32 x values [1, 4, 8, 4] of a part's groups -> (code words [1, 4, 8], d [1, 4, 1],
-        d · sum of codes [1, 4, 1]), as quantize_x.q8_blocks computes them."""
-        inv, dh = quantize_x.group_scale([(xv, pos4)], (2, 3), interpret)
-        q = quantize_x.group_codes(xv, inv)
-        sums = quantize_x.reduce_over(jnp.sum, q, (2, 3), dtype=jnp.int32).astype(jnp.float32)
-        return quantize_x.packed(q, 3), _drop(dh), _drop(dh * sums)
-
-    def q6_k_x_values(x_ref, t, c, sx):
-        """Row t's float32 x values of chunk c as q6_k_x's words would hold them, per part: pairs
-        (values, index in the group or -1 for a zero byte) for the words [1, 4, 2, 4, 4 bytes] and, sx
-        not None (whole words, x shifted sx = 0 or 2 bytes on), the next word [1, 4, 2, 1, 4]."""
-        b = _iota((1, 1, 1, 1, 4), 4)
-        half = 4 * k4[..., None] + b                                          # value in the half group
-        out = []
-        for p in PARTS:
-            h0 = 16 * f2[..., None]
-            g0 = t * cols + c * CHUNK + GROUP * layouts.q6_k_group(s4, p)[..., None] + h0
-            if sx is None:
-                out.append([(x_ref[g0 + half], h0 + half)])
-                continue
-            ok, ok_next = half >= sx, b < sx
-            main = jnp.where(ok, x_ref[g0 + jnp.maximum(half - sx, 0)], 0.0)
-            after = jnp.where(ok_next, x_ref[g0 + 14 + jnp.minimum(b, 1)], 0.0)
-            out.append([(main, jnp.where(ok, h0 + half - sx, -1)), (after, jnp.where(ok_next, h0 + 14 + b, -1))])
-        return out
-
-    def q6_k_x_fused(pieces):
-        """q6_k_x_values' pieces of one part -> (q6_k_x's (words, next word or None, sums of the half
-        groups' codes [1, 4, 2, 1]), d [1, 4, 1, 1])."""
-        inv, dh = quantize_x.group_scale(pieces, (2, 3, 4), interpret)
-        q = [quantize_x.group_codes(v, inv) for v, _ in pieces]
-        sums = _drop(sum(quantize_x.reduce_over(jnp.sum, a, (3, 4), dtype=jnp.int32) for a in q))
-        return (quantize_x.packed(q[0], 4), quantize_x.packed(q[1], 4) if len(q) > 1 else None, sums), _drop(dh)
-
     def q6_k_compute(loaded, acc):
         xs, dx, sh, words = loaded
-        if fused:
-            xd = [[q6_k_x_fused(pieces) for pieces in row] for row in xs]
-            xs, dx = [[a for a, _ in row] for row in xd], [[d for _, d in row] for row in xd]
         d, parts = layouts.q6_k_word_groups(*words, sh)
         out = []
         for t, a in enumerate(acc):
@@ -593,9 +532,6 @@ def _int_words(fmt, cfg, cols, act, interpret):
         if fmt == "q6_k":
             return q6_k_compute(loaded, acc)
         xw, dx, mx, words = loaded
-        if fused:
-            xd = [[x_words(xv) for xv in row] for row in xw]
-            xw, dx, mx = ([[a[i] for a in row] for row in xd] for i in range(3))
         if fmt == "q8_0":
             groups = layouts.q8_0_word_groups(*words, c4)
             return tuple(a + sum(jnp.sum((grp.d * dx[t][p]) * _small_int_f32(

@@ -7,8 +7,6 @@ bit for bit the same values: ggml's amax (a NaN resets it), d = amax / 127 and 1
 rounded (PTX div.rn), codes roundf(x / d) with non-finite values 0, d rounded to fp16 and read back
 from its bits.
 """
-import functools
-
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -69,40 +67,9 @@ def _div(a, b, interpret: bool):
     return out
 
 
-def reduce_over(fn, a, axes, **kw):
-    """fn (jnp.max, jnp.sum) over `axes` of a, kept as size-1 axes (Triton reduces one axis at a time)."""
-    for ax in sorted(axes, reverse=True):
-        a = fn(a, axis=ax, keepdims=True, **kw)
-    return a
-
-
-def group_scale(pieces, axes, interpret: bool = False):
-    """(1 / d, d rounded to fp16 as float32) of groups of 32 values held by `pieces`, pairs (v float32,
-    pos int32: the value's index 0..31 in its group, -1 for padding) each reduced over `axes` to one
-    shape: ggml's amax (a NaN restarts it), d = amax / 127, 1 / d correctly rounded (0 where d is 0)."""
-    last_nan = functools.reduce(jnp.maximum, [reduce_over(jnp.max, jnp.where(jnp.isnan(v), pos, -1), axes)
-                                              for v, pos in pieces])
-    amax = functools.reduce(jnp.maximum, [reduce_over(jnp.max, jnp.where(pos > last_nan, jnp.abs(v), 0.0), axes)
-                                          for v, pos in pieces])
-    amax = jnp.where(last_nan == GROUP - 1, jnp.nan, amax)
-    d = _div(amax, jnp.float32(127), interpret)
-    inv = jnp.where(d != 0, _div(jnp.float32(1), d, interpret), 0.0)
-    return inv, f16_value(d.astype(jnp.float16))
-
-
-def group_codes(v, inv):
-    """int32 codes roundf(v · inv) (halves away from zero), 0 where v · inv is not finite."""
-    r = v * inv
-    mag = jnp.abs(r)
-    whole = jnp.floor(mag)
-    rounded = whole + jnp.where(mag - whole >= 0.5, 1.0, 0.0)
-    return jnp.where(jnp.isfinite(r), jnp.where(r < 0, -rounded, rounded), 0.0).astype(jnp.int32)
-
-
-def packed(q, axis: int):
-    """int32 words of four codes (q int32, its bytes along `axis` of size 4, the first lowest)."""
-    byte = lax.broadcasted_iota(jnp.int32, q.shape, axis % q.ndim)
-    return jnp.sum((q & 0xFF) << (8 * byte), axis=axis, dtype=jnp.int32)   # disjoint bytes: the sum is an or
+def _max12(a):
+    """max over axes 1 and 2 of [G, 8, 4], kept as [G, 1, 1] (Triton reduces one axis at a time)."""
+    return jnp.max(jnp.max(a, axis=2, keepdims=True), axis=1, keepdims=True)
 
 
 def _kernel(x_ref, q_ref, d_ref, s_ref, *, cols, per, codes, interpret):
@@ -111,13 +78,23 @@ def _kernel(x_ref, q_ref, d_ref, s_ref, *, cols, per, codes, interpret):
     word, byte = _iota((1, _WORD, 1), 1), _iota((1, 1, _BYTE), 2)
     pos = _BYTE * word + byte                                    # value 0..31 in its group
     v = x_ref[row * cols + GROUP * g + pos]
-    inv, dh = group_scale([(v, pos)], (1, 2), interpret)
-    q = group_codes(v, inv)
-    sums = reduce_over(jnp.sum, q, (1, 2), dtype=jnp.int32)
+    last_nan = _max12(jnp.where(jnp.isnan(v), pos, -1))          # ggml_amax: a NaN restarts the running max
+    amax = _max12(jnp.where(pos > last_nan, jnp.abs(v), 0.0))
+    amax = jnp.where(last_nan == GROUP - 1, jnp.nan, amax)
+    d = _div(amax, jnp.float32(127), interpret)
+    inv = jnp.where(d != 0, _div(jnp.float32(1), d, interpret), 0.0)
+    r = v * inv
+    mag = jnp.abs(r)
+    whole = jnp.floor(mag)
+    rounded = whole + jnp.where(mag - whole >= 0.5, 1.0, 0.0)   # roundf: halves away from zero
+    q = jnp.where(jnp.isfinite(r), jnp.where(r < 0, -rounded, rounded), 0.0).astype(jnp.int32)
+    sums = jnp.sum(jnp.sum(q, axis=2, keepdims=True), axis=1, keepdims=True)
+    dh = f16_value(d.astype(jnp.float16))
     n_groups = cols // GROUP
     d_ref[row * n_groups + g] = dh
     s_ref[row * n_groups + g] = dh * sums.astype(jnp.float32)
     if codes == "words":
-        q_ref[row * (cols // _BYTE) + _WORD * g + word] = packed(q, 2)[..., None]
+        packed = jnp.sum((q & 0xFF) << (8 * byte), axis=2, keepdims=True)   # disjoint bytes: the sum is an or
+        q_ref[row * (cols // _BYTE) + _WORD * g + word] = packed
     else:
         q_ref[row * cols + GROUP * g + pos] = q.astype(q_ref.dtype)

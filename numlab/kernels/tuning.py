@@ -28,14 +28,14 @@ def config_for(fmt: str, act: str, n_tokens: int, rows: int | None = None, cols:
     per expert, the 128-token prefill, the dot tiles were faster: 0.148 s against 0.161 s). One token
     loads a chunk ahead on q4_k, q5_k and q6_k, not q8_0 (results/bench/matvec.json, moe.json, per
     product: q4_k 4096×14336 20.9 against 22.8 us, q6_k 32.3 against 35.4, q6_k lm_head 125.2
-    against 137.6, MUL_MAT_ID q6_k 11.6 against 12.0; q8_0 33.5 against 32.9) and quantizes q8_1 /
-    q8_0 activations inside the product (fuse_x). Float modes at 2 to 8 tokens: 16 rows, 4 warps
+    against 137.6, MUL_MAT_ID q6_k 11.6 against 12.0; q8_0 33.5 against 32.9). Float modes at 2 to 8
+    tokens: 16 rows, 4 warps
     (q4_k 4096×14336 at 8 tokens: 104.9 us against 265.3 with 32 rows and 8 warps)."""
     waves = WAVES
     if n_tokens <= 1:
         integer = act not in FLOAT_ACTS
         cfg = Config(rows=16 if integer else 32, tokens=1, num_warps=4,
-                     prefetch=integer and fmt in ("q4_k", "q5_k", "q6_k"), fuse_x=integer)
+                     prefetch=integer and fmt in ("q4_k", "q5_k", "q6_k"))
         waves = 2 * WAVES
     elif act in FLOAT_ACTS and n_tokens <= 8:
         cfg = Config(rows=16, tokens=_pow2_at_least(n_tokens), num_warps=4)
