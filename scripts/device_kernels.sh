@@ -7,7 +7,7 @@
 #
 #   OUT=/some/dir bash scripts/device_kernels.sh
 #
-# Writes $OUT/kernels.json (everything), $OUT/results/bench/{matvec,moe,kernel-check}.json (also under
+# Writes $OUT/kernels.json (everything), $OUT/results/bench/{matvec,moe,kernel-check,quantize-x}.json (also under
 # results/bench/ here), $OUT/log.txt; prints a table of reference / ours / ggml times last.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -50,14 +50,18 @@ def stage(name, obj):
     atomic_write_json(os.path.join(out_dir, "kernels.json"), everything)
 
 # 1. The headline cases first (q4_k one token, q8_1 and f32, every variant), so a short run still
-#    answers them; 2. every format x mode x token path against the reference; 3. the other matvec
-#    shapes (reference and first variant each, then more variants); 4. the MoE products.
+#    answers them; 2. every format x mode x token path against the reference, then quantize_x's
+#    groups per program; 3. the other matvec shapes (reference and first variant each, then more
+#    variants); 4. the MoE products.
 cases = mv.default_cases()
 head = mv.run(cases[:2], budget_s=until(75) - time.perf_counter(), copy_bw=bw, log=log)
 stage("matvec", head)
 checks = mv.check_all(jax.random.PRNGKey(7), until(125), log)
 save("kernel-check", {"device": everything["device"], "jax_version": jax.__version__, "checks": checks})
 stage("checks", checks)
+qx = mv.quantize_x_sweep(log=log)
+save("quantize-x", {"device": everything["device"], "jax_version": jax.__version__, "rows": qx})
+stage("quantize_x", qx)
 tail = mv.run(cases[2:], budget_s=until(290) - time.perf_counter(), copy_bw=bw, log=log)
 matvec = dict(head, cases=head["cases"] + tail["cases"], elapsed_s=head["elapsed_s"] + tail["elapsed_s"])
 save("matvec", matvec)

@@ -54,6 +54,14 @@ class TestEqualsPrepare(chex.TestCase):
             for g, w in zip(got, (_as(codes, want[0]),) + want[1:]):
                 np.testing.assert_array_equal(_bits(g), _bits(w))
 
+    def test_groups_per_program_do_not_change_a_bit(self):
+        x = _special_rows()
+        want = qm.prepare(x, "q8_1")
+        for per in (1, 4, 32):
+            got = jax.jit(functools.partial(qx.q8_blocks, codes="int8", interpret=True, per=per))(x)
+            for g, w in zip(got, want):
+                np.testing.assert_array_equal(_bits(g), _bits(w))
+
     def test_ties_round_away_from_zero(self):
         x = _special_rows()
         q, d, _ = jax.jit(functools.partial(qx.q8_blocks, interpret=True))(x)
@@ -85,4 +93,6 @@ def test_errors_name_the_bad_value():
         qx.q8_blocks(jnp.ones((1, 32)), "int4")
     with pytest.raises(ValueError, match=r"\(2, 33\)"):
         qx.q8_blocks(jnp.ones((2, 33)))
-    assert [qx.groups_per_program(c) for c in (32, 96, 2048, 14336)] == [1, 1, 64, 64]
+    with pytest.raises(ValueError, match="per=3 .* 4 groups"):
+        qx.q8_blocks(jnp.ones((1, 128)), per=3)
+    assert [qx.groups_per_program(c) for c in (32, 96, 256, 2048, 14336)] == [1, 1, 8, 16, 16]

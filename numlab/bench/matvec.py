@@ -319,12 +319,12 @@ MANY_TOKENS_FLOAT = [_cfg(64, tokens=32, warps=8), _cfg(32, tokens=16, warps=4),
                      _cfg(64, tokens=32, warps=8, dot="tf32x3"), _cfg(64, tokens=16, warps=4, dot="tf32x3")]
 
 
-def tuned_first(case: Case, configs, tokens_per_matrix: int | None = None) -> list:
+def tuned_first(case: Case, configs, tokens_per_matrix: int | None = None, matrices: int = 1) -> list:
     """numlab.kernels.tuning's config for the case (what the model runs) first; below 16 tokens in an
     integer mode also it on bytes (words=False) and, for one token, with prefetch flipped; then configs
-    (tokens_per_matrix: the tuning's token count, default case.n)."""
+    (tokens_per_matrix, matrices: the tuning's token count, default case.n, and matrices per launch)."""
     from numlab.kernels import tuning
-    tuned = tuning.config_for(case.fmt, case.act, tokens_per_matrix or case.n, case.rows, case.cols)
+    tuned = tuning.config_for(case.fmt, case.act, tokens_per_matrix or case.n, case.rows, case.cols, matrices)
     out = [tuned]
     if qm.uses_words(case.fmt, case.act, tuned, case.cols):
         out.append(dataclasses.replace(tuned, words=False, prefetch=False))
@@ -365,6 +365,31 @@ def run(cases=None, repeats: int = 10, budget_s: float = 240.0, seed: int = 0, c
             "copy_bandwidth_bytes_per_s": copy_bw, "repeats": repeats, "check_rtol": CHECK_RTOL,
             "ggml_source": ggml_source(),
             "notes": __doc__, "elapsed_s": time.perf_counter() - start, "cases": results}
+
+
+def quantize_x_sweep(cols_list=(14336, 2048), pers=(64, 32, 16, 8, 4, 2, 1), calls: int = 200, repeats: int = 5,
+                     log=print) -> list:
+    """Device time of quantize_x.q8_blocks on one row of each width in cols_list, `per` groups of 32 per
+    program, codes as words (the one-token kernels' form), and whether each per gives the same bits as
+    the first: [{cols, per, device_us, wall_us, same, kernels_us_per_call}]."""
+    from numlab.kernels import quantize_x
+    out = []
+    for cols in cols_list:
+        xs = [(jax.random.normal(jax.random.PRNGKey(i), (1, cols), jnp.float32),) for i in range(4)]
+        first = None
+        for per in pers:
+            if (cols // quantize_x.GROUP) % per:
+                continue
+            fn = jax.jit(functools.partial(quantize_x.q8_blocks, codes="words", per=per))
+            y = list(fn(*xs[0]))
+            first = first or y
+            t = time_calls(fn, xs, calls, repeats)
+            entry = {"cols": cols, "per": per, "device_us": None if t["device_s"] is None else t["device_s"] * 1e6,
+                     "wall_us": t["wall_s"] * 1e6, "same": all(bool(jnp.array_equal(a, b)) for a, b in zip(y, first)),
+                     "kernels_us_per_call": t.get("kernels_us_per_call")}
+            log(f"quantize_x {cols} columns, {per} groups per program: {entry['device_us']} us, same={entry['same']}")
+            out.append(entry)
+    return out
 
 
 def check_all(key, deadline: float, log=print) -> list:

@@ -153,7 +153,8 @@ def default_cases():
              (mv.Case("q6_k", D_FF, D_MODEL, 1, "q8_1", "mul_mat_id"), one[:2]),
              (mv.Case("q6_k", D_MODEL, D_FF, 1, "q8_1", "mul_mat_id"), one[:2]),     # Q4_K_M's Q6_K ffn_down
              (q4(1, "f32"), one[:2]), (q4(64, "f32"), few_float), (q4(256, "f32"), many_float)]
-    return [(c, mv.tuned_first(c, cfgs, max(1, c.n * TOP_K // N_EXPERTS))) for c, cfgs in cases]
+    return [(c, mv.tuned_first(c, cfgs, max(1, c.n * TOP_K // N_EXPERTS), min(c.n * TOP_K, N_EXPERTS)))
+            for c, cfgs in cases]
 
 
 def run(cases=None, repeats: int = 10, budget_s: float = 90.0, seed: int = 0, copy_bw: float | None = None,

@@ -27,9 +27,12 @@ def silu_glu(gate, up):
 
 
 def tile_config(w: QTensor, act: str, pairs: int, config: qm.Config | None = None) -> qm.Config:
-    """The tiling for `pairs` pairs over the experts of w: config, or tuning's for the mean pairs per expert."""
+    """The tiling for `pairs` pairs over the experts of w: config, or tuning's for the mean pairs per expert
+    (at most `pairs` experts multiplied)."""
     n_experts = w.data.shape[0]
-    return qm.fit(config or tuning.config_for(w.fmt, act, max(1, pairs // n_experts), *w.shape), *w.shape)
+    per_expert = max(1, pairs // n_experts)
+    return qm.fit(config or tuning.config_for(w.fmt, act, per_expert, *w.shape, matrices=min(pairs, n_experts)),
+                  *w.shape)
 
 
 def expert_qmatvec_fast(w: QTensor, x, expert, act: str = "f32", *, config: qm.Config | None = None,

@@ -21,14 +21,17 @@ _WORD, _BYTE = 8, 4                # a group as [8 words, 4 bytes]
 
 
 def groups_per_program(cols: int) -> int:
-    """Groups of 32 columns one program quantizes: the largest of 64, 32, 16, 8, 4, 2, 1 dividing the row."""
+    """Groups of 32 columns one program quantizes: the largest of 16, 8, 4, 2, 1 dividing the row (one
+    row of 14336 / 2048 columns on an H100: 1.39 / 1.38 us at 16 against 1.78 / 1.82 at 64 and 1.47 /
+    1.44 at 8, numlab.bench.matvec.quantize_x_sweep)."""
     n = cols // GROUP
-    return next(g for g in (64, 32, 16, 8, 4, 2, 1) if n % g == 0)
+    return next(g for g in (16, 8, 4, 2, 1) if n % g == 0)
 
 
-def q8_blocks(x, codes: str = "int8", *, interpret: bool = False):
+def q8_blocks(x, codes: str = "int8", *, interpret: bool = False, per: int | None = None):
     """x float32 [P, K] (K a multiple of 32) -> (codes, d float32 [P, K / 32], d · sum of the group's
-    codes float32 [P, K / 32]), codes as CODES says, equal to qmatmul.prepare(x, "q8_1")'s."""
+    codes float32 [P, K / 32]), codes as CODES says, equal to qmatmul.prepare(x, "q8_1")'s; per groups
+    of 32 values per program (default groups_per_program)."""
     if codes not in CODES:
         raise ValueError(f"q8_blocks: codes={codes!r}; valid: {', '.join(CODES)}")
     x = jnp.asarray(x)
@@ -36,7 +39,9 @@ def q8_blocks(x, codes: str = "int8", *, interpret: bool = False):
         raise ValueError(f"q8_blocks: x of shape {x.shape} must be [rows, cols] with cols a multiple of {GROUP}")
     rows, cols = x.shape
     n_groups = cols // GROUP
-    per = groups_per_program(cols)
+    per = per or groups_per_program(cols)
+    if n_groups % per:
+        raise ValueError(f"q8_blocks: per={per} groups per program must divide the row's {n_groups} groups")
     code_shape = {"int8": ((rows * cols,), jnp.int8), "words": ((rows * cols // _BYTE,), jnp.int32),
                   "f32": ((rows * cols,), jnp.float32)}[codes]
     q, d, ds = pl.pallas_call(
