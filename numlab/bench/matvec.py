@@ -305,7 +305,7 @@ def _cfg(rows, tokens=1, ksplit=1, unroll=1, warps=4, stages=3, dot="f32", lane_
 
 
 # Variants, the expected best first (a run out of time keeps the first ones).
-ONE_TOKEN = [qm.Config(rows=16, ksplit=7, prefetch=True), qm.Config(rows=16, ksplit=8, prefetch=True),
+ONE_TOKEN = [qm.Config(rows=16, ksplit=4, prefetch=True), qm.Config(rows=16, ksplit=8, prefetch=True),
              _cfg(16, ksplit=4), _cfg(32, ksplit=8), _cfg(16, ksplit=8), _cfg(32, ksplit=4),
              _cfg(16, ksplit=4, unroll=2), _cfg(8, ksplit=4), _cfg(16, ksplit=4, warps=2), _cfg(64, ksplit=8),
              _cfg(32, ksplit=4, warps=8), _cfg(16, ksplit=8, words=False), _cfg(32, ksplit=8, stages=1)]
