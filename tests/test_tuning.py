@@ -1,0 +1,45 @@
+"""numlab.kernels.tuning: every config it picks is valid and fits its problem; the one-token column
+splits follow the rule its docstring states (fill 8 programs per multiprocessor with the fewest splits
+dividing the row's chunks; none where the programs already fill half)."""
+import itertools
+
+import pytest
+
+from numlab.kernels import qmatmul as qm
+from numlab.kernels import tuning
+from numlab.kernels.layouts import CHUNK
+
+SHAPES = [(4096, 14336), (4096, 2048), (512, 2048), (151936, 2048), (768, 2048), (2048, 768), (256, 1024)]
+
+
+@pytest.mark.parametrize("fmt,act,n", [(f, a, n) for f in ("q4_k", "q5_k", "q6_k", "q8_0")
+                                       for a in qm.acts_for(f) for n in (1, 3, 8, 17, 64, 512)])
+def test_configs_are_valid_and_fit(fmt, act, n):
+    for (rows, cols), matrices in itertools.product(SHAPES, (1, 8)):
+        cfg = tuning.config_for(fmt, act, n, rows, cols, matrices).check()
+        fitted = qm.fit(cfg, rows, cols)
+        assert rows % fitted.rows == 0 and (cols // CHUNK) % fitted.ksplit == 0, (rows, cols, fitted)
+        assert fitted.ksplit >= 1 and fitted.tokens in (1, 2, 4, 8, 16, 32, 64)
+
+
+@pytest.mark.parametrize("fmt", ["q4_k", "q6_k", "q8_0"])
+def test_one_token_splits_fill_the_machine_with_the_fewest(fmt):
+    slots = tuning.SMS * 2 * tuning.WAVES
+    for (rows, cols), matrices in itertools.product(SHAPES, (1, 8)):
+        cfg = tuning.config_for(fmt, "q8_1", 1, rows, cols, matrices)
+        programs, chunks = rows // cfg.rows * matrices, cols // CHUNK
+        k = cfg.ksplit
+        assert chunks % k == 0
+        if 2 * programs >= slots:
+            assert k == 1
+        else:
+            assert programs * k >= slots or k == chunks
+            assert all(chunks % d or programs * d < slots for d in range(1, k))
+
+
+def test_measured_picks():
+    """The H100 timings the rule was read from (tuning's docstrings) pick these splits."""
+    picks = {("q6_k", 4096, 14336, 1): 7, ("q4_k", 4096, 2048, 1): 8, ("q4_k", 512, 2048, 1): 8,
+             ("q6_k", 151936, 2048, 1): 1, ("q4_k", 768, 2048, 8): 4, ("q6_k", 2048, 768, 8): 1}
+    got = {key: tuning.config_for(key[0], "q8_1", 1, key[1], key[2], key[3]).ksplit for key in picks}
+    assert got == picks
