@@ -29,10 +29,10 @@ def config_for(fmt: str, act: str, n_tokens: int, rows: int | None = None, cols:
     tokens (MUL_MAT_ID at 4 tokens per expert: 209 us against 252 us for 16-token dot tiles; with 8
     per expert, the 128-token prefill, the dot tiles were faster: 0.148 s against 0.161 s). One token
     loads a chunk ahead on q4_k, q5_k and q6_k, not q8_0 (results/bench/matvec.json, moe.json, per
-    product: q4_k 4096×14336 20.9 against 22.8 us, q6_k 32.3 against 35.4, q6_k lm_head 125.2
-    against 137.6, MUL_MAT_ID q6_k 11.6 against 12.0; q8_0 33.5 against 32.9). Float modes at 2 to 8
-    tokens: 16 rows, 4 warps
-    (q4_k 4096×14336 at 8 tokens: 104.9 us against 265.3 with 32 rows and 8 warps)."""
+    product: q4_k 4096×14336 20.7 against 24.2 us, q6_k 29.5 against 37.3, the Q6_K lm_head 123.9
+    against 136.7, MUL_MAT_ID q6_k 11.1 against 11.5; q8_0 within 0.6 us either way in three runs).
+    Float modes at 2 to 8 tokens: 16 rows, 4 warps (q4_k 4096×14336 at 8 tokens: 105.3 us against
+    263.8 with 32 rows and 8 warps; MUL_MAT_ID at 4 per expert 293.3 against 647.5)."""
     waves = WAVES
     if n_tokens <= 1:
         integer = act not in FLOAT_ACTS
@@ -64,10 +64,10 @@ def _one_token_ksplit(programs: int, chunks: int) -> int:
     """Column splits at one token, integer modes: 1 where the programs fill at least half the 8 per
     multiprocessor aimed at, else the fewest that divide the row's chunks and fill them all. On the H100
     (results/bench/matvec.json, moe.json, one timing each, prefetching kernels): q6_k 4096×14336 at 7
-    splits 29.9 us against 32.3 at 4 (q4_k 21.3 against 20.9, q8_0 32.8 against 33.0); 2048 columns at
-    8 splits, one chunk each: 4096 rows 7.6 against 8.2 at 4, 512 rows 4.6 against 5.2 (q6_k 5.1
-    against 5.5); MUL_MAT_ID q4_k (8 experts × 48 programs) at 4, 8.8 against 9.3 at 2; the Q6_K lm_head
-    and the 2048×768 experts (8 × 128 programs) fastest at 1."""
+    splits 29.5 us against 31.6 at 4 (q4_k 20.7 against 20.4, q8_0 32.3 against 33.1); rows of 2048
+    columns at 8 splits, one chunk each: 4096 rows 7.2 against 7.7 at 4, 512 rows 4.3 against 4.7
+    (q6_k 4.8 against 5.2); MUL_MAT_ID q4_k (8 experts × 48 programs) at 4, 8.7 against 9.0 at 2
+    without prefetching; the Q6_K lm_head and the 2048×768 experts (8 × 128 programs) fastest at 1."""
     target = SMS * 2 * WAVES / programs
     if target < 2:
         return 1
