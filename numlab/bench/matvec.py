@@ -299,14 +299,14 @@ def _brief(e: dict) -> str:
             f"({c['of_copy_bandwidth']:.2f} of copy), {c['tflop_per_s']:.2f} TFLOP/s{ggml}{check}")
 
 
-def _cfg(rows, tokens=1, ksplit=1, unroll=1, warps=4, stages=3, dot="f32", lane_runs=0, words=True):
+def _cfg(rows, tokens=1, ksplit=1, unroll=1, warps=4, stages=3, dot="f32", lane_runs=0, words=True, prefetch=False):
     return qm.Config(rows=rows, tokens=tokens, ksplit=ksplit, unroll=unroll, num_warps=warps,
-                     num_stages=stages, dot=dot, lane_runs=lane_runs, words=words)
+                     num_stages=stages, dot=dot, lane_runs=lane_runs, words=words, prefetch=prefetch)
 
 
 # Variants, the expected best first (a run out of time keeps the first ones).
-ONE_TOKEN = [qm.Config(rows=16, ksplit=4, prefetch=True), qm.Config(rows=16, ksplit=8, prefetch=True),
-             _cfg(16, ksplit=4), _cfg(32, ksplit=8), _cfg(16, ksplit=8), _cfg(32, ksplit=4),
+ONE_TOKEN = [_cfg(16, ksplit=4, prefetch=True), _cfg(16, ksplit=8, prefetch=True), _cfg(16, ksplit=4),
+             _cfg(32, ksplit=8), _cfg(16, ksplit=8), _cfg(32, ksplit=4),
              _cfg(16, ksplit=4, unroll=2), _cfg(8, ksplit=4), _cfg(16, ksplit=4, warps=2), _cfg(64, ksplit=8),
              _cfg(32, ksplit=4, warps=8), _cfg(16, ksplit=8, words=False), _cfg(32, ksplit=8, stages=1)]
 FEW_TOKENS_INT = [_cfg(32, tokens=8, ksplit=8), _cfg(32, tokens=8, ksplit=4), _cfg(64, tokens=16, ksplit=4),

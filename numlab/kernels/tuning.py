@@ -56,19 +56,19 @@ def config_for(fmt: str, act: str, n_tokens: int, rows: int | None = None, cols:
     programs = max(1, rows // cfg.rows) * max(1, -(-n_tokens // cfg.tokens))
     chunks = cols // CHUNK
     if n_tokens <= 1 and act not in FLOAT_ACTS:
-        return dataclasses.replace(cfg, ksplit=_one_token_ksplit(programs * matrices, chunks))
+        return dataclasses.replace(cfg, ksplit=_one_token_ksplit(programs * matrices, chunks, SMS * waves))
     return dataclasses.replace(cfg, ksplit=max(1, min(chunks // 2, -(-SMS * waves // programs))))
 
 
-def _one_token_ksplit(programs: int, chunks: int) -> int:
-    """Column splits at one token, integer modes: 1 where the programs fill at least half the 8 per
-    multiprocessor aimed at, else the fewest that divide the row's chunks and fill them all. On the H100
+def _one_token_ksplit(programs: int, chunks: int, slots: int) -> int:
+    """Column splits at one token, integer modes: 1 where the programs fill at least half the `slots`
+    (8 per multiprocessor), else the fewest that divide the row's chunks and fill them all. On the H100
     (results/bench/matvec.json, moe.json, one timing each, prefetching kernels): q6_k 4096×14336 at 7
     splits 29.5 us against 31.6 at 4 (q4_k 20.7 against 20.4, q8_0 32.3 against 33.1); rows of 2048
     columns at 8 splits, one chunk each: 4096 rows 7.2 against 7.7 at 4, 512 rows 4.3 against 4.7
     (q6_k 4.8 against 5.2); MUL_MAT_ID q4_k (8 experts × 48 programs) at 4, 8.7 against 9.0 at 2
     without prefetching; the Q6_K lm_head and the 2048×768 experts (8 × 128 programs) fastest at 1."""
-    target = SMS * 2 * WAVES / programs
+    target = slots / programs
     if target < 2:
         return 1
     return next((d for d in range(1, chunks + 1) if chunks % d == 0 and d >= target), chunks)
