@@ -19,7 +19,7 @@ def test_configs_are_valid_and_fit(fmt, act, n):
         cfg = tuning.config_for(fmt, act, n, rows, cols, matrices).check()
         fitted = qm.fit(cfg, rows, cols)
         assert rows % fitted.rows == 0 and (cols // CHUNK) % fitted.ksplit == 0, (rows, cols, fitted)
-        assert fitted.ksplit >= 1 and fitted.tokens in (1, 2, 4, 8, 16, 32, 64)
+        assert fitted.ksplit >= 1 and fitted.tokens in (1, 2, 4, 8, 16, 32, 64, 128)
 
 
 @pytest.mark.parametrize("fmt", ["q4_k", "q6_k", "q8_0"])
@@ -43,3 +43,16 @@ def test_measured_picks():
              ("q6_k", 151936, 2048, 1): 1, ("q4_k", 768, 2048, 8): 4, ("q6_k", 2048, 768, 8): 1}
     got = {key: tuning.config_for(key[0], "q8_1", 1, key[1], key[2], key[3]).ksplit for key in picks}
     assert got == picks
+
+
+def test_measured_dot_tiles():
+    """The dot tiles read off the H100 sweep (results/bench/dot-tiles.json): q4_k · q8_1 at 512 tokens
+    64 × 128; 64 tokens 64 × 64 at 8 splits; MUL_MAT_ID at 16 tokens per expert over 128 experts
+    unsplit (the launch's matrices fill the machine); other pairs keep 64 tokens at 512."""
+    def fitted(fmt, act, n, rows, cols, matrices=1):
+        c = qm.fit(tuning.config_for(fmt, act, n, rows, cols, matrices), rows, cols)
+        return c.rows, c.tokens, c.num_warps, c.ksplit
+    assert fitted("q4_k", "q8_1", 512, 4096, 14336) == (64, 128, 4, 2)
+    assert fitted("q4_k", "q8_1", 64, 4096, 14336) == (64, 64, 4, 8)
+    assert fitted("q4_k", "q8_1", 16, 768, 2048, 128) == (64, 16, 4, 1)
+    assert fitted("q6_k", "q8_1", 512, 4096, 14336)[:2] == (64, 64)

@@ -313,8 +313,7 @@ FEW_TOKENS_INT = [_cfg(32, tokens=8, ksplit=8), _cfg(32, tokens=8, ksplit=4), _c
                   _cfg(16, tokens=8, ksplit=8, warps=2), _cfg(64, tokens=16, ksplit=2)]
 FEW_TOKENS_FLOAT = [_cfg(32, tokens=8, ksplit=4, warps=8), _cfg(32, tokens=8, ksplit=8, warps=8),
                     _cfg(16, tokens=8, ksplit=4, warps=4), _cfg(32, tokens=16, ksplit=4, warps=4)]
-MANY_TOKENS_INT = [_cfg(128, tokens=64, warps=8), _cfg(64, tokens=32, warps=4), _cfg(128, tokens=32, warps=8),
-                   _cfg(64, tokens=64, warps=4)]
+MANY_TOKENS_INT = [_cfg(64, tokens=64, warps=4), _cfg(128, tokens=64, warps=8), _cfg(64, tokens=32, warps=4)]
 MANY_TOKENS_FLOAT = [_cfg(64, tokens=32, warps=8), _cfg(32, tokens=16, warps=4),
                      _cfg(64, tokens=32, warps=8, dot="tf32x3"), _cfg(64, tokens=16, warps=4, dot="tf32x3")]
 

@@ -141,15 +141,19 @@ def prepare(x, act: str):
 def kernel_inputs(x, fmt: str, act: str, cfg: Config, interpret: bool = False) -> tuple:
     """prepare(x, act) for x float [N, cols], in the form the kernel for (fmt, act, cfg) reads: codes
     as 32-bit words of four (uses_words), as float32 (other multiply-add paths) or int8 (dot tiles);
-    q8_1 / q8_0 by quantize_x's kernel where cfg.x_kernel."""
+    q8_1 / q8_0 by quantize_x's kernel where cfg.x_kernel; dot tiles take the scales and sums
+    group-major ([K / 32, N]: a tile's tokens contiguous, read two at a time)."""
     words = uses_words(fmt, act, cfg, x.shape[-1])
     fma = act not in FLOAT_ACTS and cfg.tokens < MIN_DOT and not words
     if act in ("q8_1", "q8_0") and cfg.x_kernel:
-        return quantize_x.q8_blocks(x, "words" if words else "f32" if fma else "int8", interpret=interpret)
-    xs = prepare(x, act)
-    if words:
-        return (lax.bitcast_convert_type(xs[0].reshape(xs[0].shape[0], -1, 4), jnp.int32),) + xs[1:]
-    return ((xs[0].astype(jnp.float32),) + xs[1:]) if fma else xs
+        xs = quantize_x.q8_blocks(x, "words" if words else "f32" if fma else "int8", interpret=interpret)
+    else:
+        xs = prepare(x, act)
+        if words:
+            xs = (lax.bitcast_convert_type(xs[0].reshape(xs[0].shape[0], -1, 4), jnp.int32),) + xs[1:]
+        elif fma:
+            xs = (xs[0].astype(jnp.float32),) + xs[1:]
+    return (xs[0],) + tuple(a.T for a in xs[1:]) if cfg.tokens >= MIN_DOT else xs
 
 
 def qmatmul(data, fmt: str, shape, x, tile_expert, act: str, cfg: Config, interpret: bool = False, src=None):
@@ -176,7 +180,7 @@ def qmatmul(data, fmt: str, shape, x, tile_expert, act: str, cfg: Config, interp
     xs = kernel_inputs(x, fmt, act, cfg, interpret)
     if indirect:
         xs = (src.astype(jnp.int32),) + xs
-    dims = dict(cols=cols, row_bytes=row_bytes, expert_bytes=rows * row_bytes)
+    dims = dict(cols=cols, row_bytes=row_bytes, expert_bytes=rows * row_bytes, n_x=x.shape[0])
     kernel = functools.partial(_kernel, fmt=fmt, act=act, cfg=cfg, interpret=interpret, indirect=indirect,
                                per_row=per_row, **dims)
     out = pl.pallas_call(
@@ -208,7 +212,7 @@ def _drop(a):
     return a.reshape(a.shape[:-1])
 
 
-def _kernel(te_ref, w_ref, *refs, fmt, act, cfg, interpret, cols, row_bytes, expert_bytes, indirect, per_row):
+def _kernel(te_ref, w_ref, *refs, fmt, act, cfg, interpret, cols, row_bytes, expert_bytes, n_x, indirect, per_row):
     *x_refs, o_ref = refs
     t_id, r_id, k_id = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     e = te_ref[t_id]
@@ -247,7 +251,8 @@ def _kernel(te_ref, w_ref, *refs, fmt, act, cfg, interpret, cols, row_bytes, exp
         elif act in FLOAT_ACTS:
             step, acc, store = (_float_fma if cfg.tokens < MIN_DOT else _float_dot)(fmt, cfg, cols)
         else:
-            step, acc, store = (_int_fma if cfg.tokens < MIN_DOT else _int_dot)(fmt, cfg, cols, act=act)
+            step, acc, store = (_int_fma(fmt, cfg, cols, act) if cfg.tokens < MIN_DOT
+                                else _int_dot(fmt, cfg, cols, act, n_x))
 
         def body(it, acc):
             for u in range(cfg.unroll):
@@ -388,11 +393,14 @@ def _small_int_f32(v):
     return lax.bitcast_convert_type(v + 0x4B400000, jnp.float32) - jnp.float32(0x00C00000)
 
 
-def _int_dot(fmt, cfg, cols, act):
+def _int_dot(fmt, cfg, cols, act, n_x):
     """16+ tokens, integer modes: per group an int8 dot [rows, 32] x [32, tokens] -> int32 (q6_k: one
     per half group, for its two scales), weighted by the integer scales exactly (int32 for q8_k, in
-    float32 below 2^24 otherwise), then the reference's float scaling."""
-    n_x32 = cols // GROUP
+    float32 below 2^24 otherwise), then the reference's float scaling; the min term goes into the
+    accumulator per group. x's scales are group-major (kernel_inputs): n_x rows of x."""
+    def at(row, block):
+        """Index of (activation row, block of the row) in x's group-major scales."""
+        return block * n_x + row
     first_half = _iota((1, GROUP), 1) < GROUP // 2
     tok = _iota((1, cfg.tokens), 1)
 
@@ -407,9 +415,12 @@ def _int_dot(fmt, cfg, cols, act):
                 return idot(codes, xq) if fmt == "q8_0" else _drop(grp.isc) * idot(codes, xq)
             return (_drop(grp.isc) * idot(jnp.where(first_half, codes, 0), xq)
                     + _drop(grp.isc2) * idot(jnp.where(first_half, 0, codes), xq))
+        if fmt == "q8_0":
+            return _small_int_f32(idot(codes, xq))
+        if fmt == "q4_k":                   # |scale · dot| <= 63 · 32 · 15 · 127 < 2^22: one conversion
+            return _small_int_f32(_drop(grp.isc) * idot(codes, xq))
         if grp.isc2 is None:
-            dots = _small_int_f32(idot(codes, xq))
-            return dots if fmt == "q8_0" else _drop(grp.isc).astype(jnp.float32) * dots
+            return _drop(grp.isc).astype(jnp.float32) * _small_int_f32(idot(codes, xq))
         return (_drop(grp.isc).astype(jnp.float32) * _small_int_f32(idot(jnp.where(first_half, codes, 0), xq))
                 + _drop(grp.isc2).astype(jnp.float32) * _small_int_f32(idot(jnp.where(first_half, 0, codes), xq)))
 
@@ -421,7 +432,7 @@ def _int_dot(fmt, cfg, cols, act):
                 g = grp.g.reshape(1, 1)
                 xq = xq_ref[xrow(tok) * cols + c * CHUNK + GROUP * g + _iota((GROUP, 1))]   # [32, T]
                 dots = scaled_dots(grp, xq)
-                x32 = xrow(tok) * n_x32 + c * GROUPS + g                                     # [1, T]
+                x32 = at(xrow(tok), c * GROUPS + g)                                          # [1, T]
                 if act == "q8_k":
                     bi = bi + dots
                 elif fmt == "q8_0":
@@ -432,11 +443,11 @@ def _int_dot(fmt, cfg, cols, act):
                 if grp.imin is not None and act == "q8_k":
                     bm = bm + _drop(grp.imin) * x_refs[2][x32]                                 # int32
                 elif grp.imin is not None:
-                    bm = bm + _drop(grp.imin).astype(jnp.float32) * x_refs[2][x32]
+                    acc = acc - (_drop(grp.dmin) * _drop(grp.imin).astype(jnp.float32)) * x_refs[2][x32]
         if fmt == "q8_0":
             return acc
-        dxk = dx_ref[xrow(tok) * (cols // CHUNK) + c] if act == "q8_k" else None
-        dmin = None if grp.dmin is None else grp.dmin.reshape(cfg.rows, 1)
+        dxk = dx_ref[at(xrow(tok), c)] if act == "q8_k" else None
+        dmin = grp.dmin.reshape(cfg.rows, 1) if grp.dmin is not None and act == "q8_k" else None
         return acc + _chunk_scale(act, grp.d.reshape(cfg.rows, 1), dmin, bi, bm, dxk)
 
     def store(o_ref, acc):
