@@ -62,6 +62,14 @@ class TestEqualsPrepare(chex.TestCase):
             for g, w in zip(got, want):
                 np.testing.assert_array_equal(_bits(g), _bits(w))
 
+    def test_group_major_scales_are_the_transpose(self):
+        x = _special_rows()
+        want = qm.prepare(x, "q8_1")
+        got = jax.jit(functools.partial(qx.q8_blocks, interpret=True, per=2, group_major=True))(x)
+        chex.assert_shape(got[1], (x.shape[1] // 32, x.shape[0]))
+        for g, w in zip(got, (want[0], want[1].T, want[2].T)):
+            np.testing.assert_array_equal(_bits(g), _bits(w))
+
     def test_ties_round_away_from_zero(self):
         x = _special_rows()
         q, d, _ = jax.jit(functools.partial(qx.q8_blocks, interpret=True))(x)

@@ -145,15 +145,16 @@ def kernel_inputs(x, fmt: str, act: str, cfg: Config, interpret: bool = False) -
     group-major ([K / 32, N]: a tile's tokens contiguous, read two at a time)."""
     words = uses_words(fmt, act, cfg, x.shape[-1])
     fma = act not in FLOAT_ACTS and cfg.tokens < MIN_DOT and not words
+    group_major = act not in FLOAT_ACTS and cfg.tokens >= MIN_DOT
     if act in ("q8_1", "q8_0") and cfg.x_kernel:
-        xs = quantize_x.q8_blocks(x, "words" if words else "f32" if fma else "int8", interpret=interpret)
-    else:
-        xs = prepare(x, act)
-        if words:
-            xs = (lax.bitcast_convert_type(xs[0].reshape(xs[0].shape[0], -1, 4), jnp.int32),) + xs[1:]
-        elif fma:
-            xs = (xs[0].astype(jnp.float32),) + xs[1:]
-    return (xs[0],) + tuple(a.T for a in xs[1:]) if cfg.tokens >= MIN_DOT else xs
+        return quantize_x.q8_blocks(x, "words" if words else "f32" if fma else "int8", interpret=interpret,
+                                    group_major=group_major)
+    xs = prepare(x, act)
+    if words:
+        return (lax.bitcast_convert_type(xs[0].reshape(xs[0].shape[0], -1, 4), jnp.int32),) + xs[1:]
+    if fma:
+        return (xs[0].astype(jnp.float32),) + xs[1:]
+    return (xs[0],) + tuple(a.T for a in xs[1:]) if group_major else xs
 
 
 def qmatmul(data, fmt: str, shape, x, tile_expert, act: str, cfg: Config, interpret: bool = False, src=None):

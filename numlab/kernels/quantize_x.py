@@ -28,10 +28,11 @@ def groups_per_program(cols: int) -> int:
     return next(g for g in (16, 8, 4, 2, 1) if n % g == 0)
 
 
-def q8_blocks(x, codes: str = "int8", *, interpret: bool = False, per: int | None = None):
+def q8_blocks(x, codes: str = "int8", *, interpret: bool = False, per: int | None = None,
+              group_major: bool = False):
     """x float32 [P, K] (K a multiple of 32) -> (codes, d float32 [P, K / 32], d · sum of the group's
     codes float32 [P, K / 32]), codes as CODES says, equal to qmatmul.prepare(x, "q8_1")'s; per groups
-    of 32 values per program (default groups_per_program)."""
+    of 32 values per program (default groups_per_program); group_major: d and the sums as [K / 32, P]."""
     if codes not in CODES:
         raise ValueError(f"q8_blocks: codes={codes!r}; valid: {', '.join(CODES)}")
     x = jnp.asarray(x)
@@ -45,7 +46,8 @@ def q8_blocks(x, codes: str = "int8", *, interpret: bool = False, per: int | Non
     code_shape = {"int8": ((rows * cols,), jnp.int8), "words": ((rows * cols // _BYTE,), jnp.int32),
                   "f32": ((rows * cols,), jnp.float32)}[codes]
     q, d, ds = pl.pallas_call(
-        lambda *refs: _kernel(*refs, cols=cols, per=per, codes=codes, interpret=interpret),
+        lambda *refs: _kernel(*refs, cols=cols, per=per, codes=codes, interpret=interpret,
+                              group_major=group_major),
         out_shape=(jax.ShapeDtypeStruct(*code_shape), jax.ShapeDtypeStruct((rows * n_groups,), jnp.float32),
                    jax.ShapeDtypeStruct((rows * n_groups,), jnp.float32)),
         grid=(rows, n_groups // per),
@@ -55,7 +57,8 @@ def q8_blocks(x, codes: str = "int8", *, interpret: bool = False, per: int | Non
         interpret=interpret,
         name="quantize_x_q8",
     )(x.astype(jnp.float32).reshape(-1))
-    return q.reshape(rows, -1), d.reshape(rows, n_groups), ds.reshape(rows, n_groups)
+    scale_shape = (n_groups, rows) if group_major else (rows, n_groups)
+    return q.reshape(rows, -1), d.reshape(scale_shape), ds.reshape(scale_shape)
 
 
 def _iota(shape, dim):
@@ -77,7 +80,7 @@ def _max12(a):
     return jnp.max(jnp.max(a, axis=2, keepdims=True), axis=1, keepdims=True)
 
 
-def _kernel(x_ref, q_ref, d_ref, s_ref, *, cols, per, codes, interpret):
+def _kernel(x_ref, q_ref, d_ref, s_ref, *, cols, per, codes, interpret, group_major):
     row, blk = pl.program_id(0), pl.program_id(1)
     g = blk * per + _iota((per, 1, 1), 0)                       # group of the row
     word, byte = _iota((1, _WORD, 1), 1), _iota((1, 1, _BYTE), 2)
@@ -95,9 +98,9 @@ def _kernel(x_ref, q_ref, d_ref, s_ref, *, cols, per, codes, interpret):
     q = jnp.where(jnp.isfinite(r), jnp.where(r < 0, -rounded, rounded), 0.0).astype(jnp.int32)
     sums = jnp.sum(jnp.sum(q, axis=2, keepdims=True), axis=1, keepdims=True)
     dh = f16_value(d.astype(jnp.float16))
-    n_groups = cols // GROUP
-    d_ref[row * n_groups + g] = dh
-    s_ref[row * n_groups + g] = dh * sums.astype(jnp.float32)
+    at = g * pl.num_programs(0) + row if group_major else row * (cols // GROUP) + g
+    d_ref[at] = dh
+    s_ref[at] = dh * sums.astype(jnp.float32)
     if codes == "words":
         packed = jnp.sum((q & 0xFF) << (8 * byte), axis=2, keepdims=True)   # disjoint bytes: the sum is an or
         q_ref[row * (cols // _BYTE) + _WORD * g + word] = packed
