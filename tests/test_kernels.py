@@ -55,11 +55,11 @@ def _assert_close(y, ref, w: QTensor, x):
 INT_ACT = {"q4_k": "q8_k", "q5_k": "q8_k", "q6_k": "q8_k", "q8_0": "q8_0"}
 FMTS = ("q4_k", "q5_k", "q6_k", "q8_0")
 # (fmt, act, tokens, Config): each format through one token (float and integer paths), integer dot
-# tiles (q8_1 on every format, the CPU integer mode on three) and several tokens in its CPU integer mode; float dot tiles and bf16 multi-token tiles on two
-# formats each; column splits and unrolling on the way. Integer modes below 16 tokens read 32-bit
-# words with byte dot products; the byte path they replace (words=False) is checked on q4_k, q6_k and
-# q8_0, loading a chunk ahead (prefetch) on every format; q8_1 / q8_0 activations quantized by XLA
-# (x_kernel=False) rather than quantize_x's kernel on two.
+# tiles (q8_1 on every format, the CPU integer mode on three) and several tokens in its CPU integer
+# mode; float dot tiles and bf16 multi-token tiles on two formats each; column splits and unrolling on
+# the way. Integer modes below 16 tokens read 32-bit words with byte dot products; the byte path they
+# replace (words=False) is checked on q4_k, q6_k and q8_0, loading a chunk ahead (prefetch) on every
+# format; q8_1 / q8_0 activations quantized by XLA (x_kernel=False) rather than quantize_x's kernel on two.
 CASES = ([(f, "f32", 1, qm.Config(rows=8, tokens=1, ksplit=2)) for f in FMTS]
          + [(f, "q8_1", 1, qm.Config(rows=16, tokens=1, unroll=2)) for f in FMTS]
          + [(f, "q8_1", 17, qm.Config(rows=16, tokens=16, ksplit=2)) for f in FMTS]

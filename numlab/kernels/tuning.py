@@ -31,13 +31,14 @@ def config_for(fmt: str, act: str, n_tokens: int, rows: int | None = None, cols:
     loads a chunk ahead on q4_k, q5_k and q6_k, not q8_0 (results/bench/matvec.json, moe.json, per
     product: q4_k 4096×14336 20.7 against 24.2 us, q6_k 29.5 against 37.3, the Q6_K lm_head 123.9
     against 136.7, MUL_MAT_ID q6_k 11.1 against 11.5; q8_0 within 0.6 us either way in three runs).
-    Float modes at 2 to 8 tokens: 16 rows, 4 warps (q4_k 4096×14336 at 8 tokens: 105.3 us against
-    263.8 with 32 rows and 8 warps; MUL_MAT_ID at 4 per expert 293.3 against 647.5). Integer dot
-    tiles: 64 rows, 4 warps, up to 64 tokens (128 above 256 for q4_k · q8_1, the one pair whose
-    128-token tile does not spill: 48 bytes of stack for sm_90, 0.8–5 KB for the others), column
-    splits counting a MoE launch's matrices (q4_k 4096×14336 at 512 tokens: 521.8 us of kernel at 64 × 128, 554.2 at 64 × 64, 581.9 at
-    128 × 64 with 8 warps; at 64 tokens 92.1 at 64 × 64 against 140.5 at 64 × 32; MUL_MAT_ID at 256
-    tokens, 16 per expert: 212.3 us unsplit against 235.9 at 4 splits; results/bench/dot-tiles.json)."""
+    Float modes at 2 to 8 tokens: 16 rows, 4 warps (q4_k 4096×14336 at 8 tokens: 105.3 us against 263.8
+    with 32 rows and 8 warps; MUL_MAT_ID at 4 per expert 293.3 against 647.5). Integer dot tiles: 64
+    rows, 4 warps, up to 64 tokens (128 above 256 for q4_k · q8_1, the one pair whose 128-token tile
+    does not spill: 48 bytes of stack for sm_90, 0.8–5 KB for the others), column splits counting a MoE
+    launch's matrices (q4_k 4096×14336 at 512 tokens: 521.8 us of kernel at 64 × 128, 554.2 at 64 × 64,
+    581.9 at 128 × 64 with 8 warps; at 64 tokens 92.1 at 64 × 64 against 140.5 at 64 × 32; MUL_MAT_ID at
+    256 tokens, 16 per expert: 212.3 us unsplit against 235.9 at 4 splits;
+    results/bench/dot-tiles.json)."""
     waves = WAVES
     if n_tokens <= 1:
         integer = act not in FLOAT_ACTS
