@@ -14,7 +14,7 @@ import numlab.formats as formats
 from hlo_checks import rounding_pairs
 from numlab import kernels, ops
 from numlab.formats import QTensor
-from numlab.kernels import moe
+from numlab.kernels import layouts, moe
 from numlab.kernels import qmatmul as qm
 
 RTOL = 1e-5   # of sum |w| |x|: float32 rounding of products and sums in another order
@@ -60,6 +60,8 @@ FMTS = ("q4_k", "q5_k", "q6_k", "q8_0")
 # the way. Integer modes below 16 tokens read 32-bit words with byte dot products; the byte path they
 # replace (words=False) is checked on q4_k, q6_k and q8_0, loading a chunk ahead (prefetch) on every
 # format; q8_1 / q8_0 activations quantized by XLA (x_kernel=False) rather than quantize_x's kernel on two.
+# Dot tiles read q4_k / q5_k as words (q8_1: the min term in one dot); their byte path on both, in both
+# modes, and their words a chunk ahead.
 CASES = ([(f, "f32", 1, qm.Config(rows=8, tokens=1, ksplit=2)) for f in FMTS]
          + [(f, "q8_1", 1, qm.Config(rows=16, tokens=1, unroll=2)) for f in FMTS]
          + [(f, "q8_1", 17, qm.Config(rows=16, tokens=16, ksplit=2)) for f in FMTS]
@@ -74,7 +76,12 @@ CASES = ([(f, "f32", 1, qm.Config(rows=8, tokens=1, ksplit=2)) for f in FMTS]
                                                                                  ("q6_k", "q8_k", 1),
                                                                                  ("q8_0", "q8_1", 1))]
          + [(f, a, n, qm.Config(rows=16, tokens=n, x_kernel=False)) for f, a, n in (("q4_k", "q8_1", 1),
-                                                                                  ("q8_0", "q8_0", 2))])
+                                                                                  ("q8_0", "q8_0", 2))]
+         + [("q5_k", "q8_1", 17, qm.Config(rows=16, tokens=16, x_kernel=False))]
+         + [(f, a, 17, qm.Config(rows=16, tokens=16, words=False)) for f, a in (("q4_k", "q8_1"), ("q5_k", "q8_1"),
+                                                                               ("q5_k", "q8_k"))]
+         + [(f, a, 33, qm.Config(rows=16, tokens=16, ksplit=2, prefetch=True)) for f, a in (("q4_k", "q8_k"),
+                                                                                          ("q5_k", "q8_1"))])
 
 
 def _case_id(fmt, act, n, cfg):
@@ -106,6 +113,44 @@ def test_q6_k_words_in_odd_super_blocks(cols, act, cfg):
     x = jnp.asarray(rng.standard_normal((cfg.tokens, cols)) * 3, jnp.float32)
     y = jax.jit(functools.partial(kernels.qmatvec_fast, act=act, config=cfg, interpret=True))(w, x)
     _assert_close(y, _ref(w, x, act=act), w, x)
+
+
+@pytest.mark.parametrize("fmt", ["q4_k", "q5_k"])
+def test_dot_word_groups_are_the_codecs_fields(fmt):
+    """The dot tiles' word decoders give, for every group of a chunk, the codec's codes, 6-bit scale and
+    min, d and dmin (numlab.formats.unpack), and dot_word_mins the mins of groups k % 8."""
+    rng = _rng("dot-words", fmt)
+    w = _weights(rng, fmt, (16, 512))
+    u = formats.unpack(w.data, fmt)
+    words = jax.lax.bitcast_convert_type(w.data.reshape(-1, 4), jnp.int32)
+    row_words, chunk = formats.row_bytes(fmt, 512) // 4, 1
+    wb = (jnp.arange(16) * row_words + chunk * layouts.CHUNK_BYTES[fmt] // 4)[:, None, None]
+    head, qh, runs = layouts.dot_word_load(fmt, words, wb)
+    for g, grp in enumerate(layouts.dot_word_groups(head, qh, runs)):
+        chex.assert_shape(grp.codes, (16, 1, 32))
+        assert grp.codes.dtype == jnp.int8 and int(grp.g.reshape(())) == g
+        np.testing.assert_array_equal(grp.codes[:, 0], u.q[:, chunk, 32 * g:32 * g + 32])
+        np.testing.assert_array_equal(grp.isc[:, 0, 0], u.scales[:, chunk, g])
+        np.testing.assert_array_equal(grp.imin[:, 0, 0], u.mins[:, chunk, g])
+        np.testing.assert_array_equal(grp.d[:, 0, 0], u.d[:, chunk])
+        np.testing.assert_array_equal(grp.dmin[:, 0, 0], u.dmin[:, chunk])
+    mins = layouts.dot_word_mins(head)
+    assert mins.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(mins.astype(jnp.int32), np.tile(u.mins[:, chunk], 4))
+
+
+def test_min_planes_split_s_exactly():
+    """min_planes: per chunk, three bfloat16 parts of each group's s that sum back to s up to float32's
+    last bit (2^-24 relative), zeros in rows 24..31."""
+    rng = _rng("min-planes")
+    s = rng.standard_normal((48, 5)) * rng.lognormal(0, 8, (48, 5))
+    planes = qm.min_planes(jnp.asarray(s, jnp.float32))
+    chex.assert_shape(planes, (6, 32, 5))
+    assert planes.dtype == jnp.bfloat16
+    p = np.asarray(planes, np.float64)
+    s32 = np.asarray(np.float32(s), np.float64).reshape(6, 8, 5)
+    assert np.all(np.abs(p[:, :8] + p[:, 8:16] + p[:, 16:24] - s32) <= 2.0 ** -24 * np.abs(s32))
+    assert np.all(p[:, 24:] == 0)
 
 
 def test_default_tiling_batch_axes_and_stacked_weights():

@@ -21,6 +21,7 @@ GROUPS_PER_PART = GROUPS // PARTS
 CHUNK_BYTES = {"q4_k": 144, "q5_k": 176, "q6_k": 210, "q8_0": 272}
 _BIAS = {"q4_k": 0, "q5_k": 0, "q6_k": 32, "q8_0": 128}   # level + bias >= 0
 WORD_FORMATS = ("q4_k", "q5_k", "q6_k", "q8_0")          # read as 32-bit words (q6_k: rows of whole words)
+DOT_WORD_FORMATS = ("q4_k", "q5_k")                     # dot tiles read as 32-bit words
 _QS_WORD = {"q4_k": 4, "q5_k": 12}                       # first code word of a block (q5_k: after qh)
 
 
@@ -261,6 +262,58 @@ def word_groups(head, qh, qs, c4) -> list:
             codes = codes | (((qh >> g) & 0x01010101) << 4)
         out.append(Groups(codes, 1, g, d, sc, None, dmin, mn, None))
     return out
+
+
+def dot_word_load(fmt: str, ref, wb):
+    """The words of the q4_k / q5_k super-blocks at word offsets wb int32 [R, 1, 1] of the int32 ref, as
+    the dot tiles read them: the four header words [R, 1, 1] each, q5_k's fifth-bit words [R, 1, 8]
+    (else None), then the 8 code words [R, 1, 8] of each run 0..3 (loaded last: see decode)."""
+    m8 = _iota((1, 1, 8), 2)
+    head = [ref[wb + k] for k in range(4)]
+    qh = ref[wb + 4 + m8] if fmt == "q5_k" else None
+    return head, qh, [ref[wb + _QS_WORD[fmt] + 8 * run + m8] for run in range(4)]
+
+
+def dot_word_groups(head, qh, runs) -> list:
+    """[Groups] of groups 0..7 of dot_word_load's words, one each: codes int8 [R, 1, 32], levels 0..31
+    (value 4m + j from byte j of code word m, the bytes joined in registers: see _word_bytes), g int32
+    [1, 1, 1], d / dmin float32 and isc / imin int32 [R, 1, 1]."""
+    d, dmin = _f16_bits(head[0]), _f16_bits(head[0] >> 16)
+    out = []
+    for g in range(GROUPS):
+        run, part = divmod(g, 2)
+        sh = 8 * (g % 4)
+        if g < 4:
+            sc, mn = (head[1] >> sh) & 63, (head[2] >> sh) & 63
+        else:
+            sc = ((head[3] >> sh) & 15) | (((head[1] >> (sh + 6)) & 3) << 4)
+            mn = ((head[3] >> (sh + 4)) & 15) | (((head[2] >> (sh + 6)) & 3) << 4)
+        codes = (runs[run] >> (4 * part)) & 0x0F0F0F0F
+        if qh is not None:
+            codes = codes | (((qh >> g) & 0x01010101) << 4)
+        out.append(Groups(_word_bytes(codes), 1, _iota((1, 1, 1), 0) + g, d, sc, None, dmin, mn, None))
+    return out
+
+
+def dot_word_mins(head):
+    """The 6-bit mins of groups 0..7 from dot_word_load's header words, as bfloat16 [R, 32] (exact):
+    column k holds group k % 8's (the left operand of the min term's dot, see qmatmul.min_planes)."""
+    g = _iota((1, 1, GROUPS), 2)
+    sh = 8 * (g % 4)
+    mn = jnp.where(g < 4, (head[2] >> sh) & 63,
+                   ((head[3] >> (sh + 4)) & 15) | (((head[2] >> (sh + 6)) & 3) << 4))      # [R, 1, 8]
+    rows = mn.shape[0]
+    return jnp.broadcast_to(mn, (rows, 4, GROUPS)).reshape(rows, 4 * GROUPS).astype(jnp.bfloat16)
+
+
+def _word_bytes(words):
+    """int32 words [R, 1, 8] of bytes 0..127 -> int8 [R, 1, 32], byte j of word m at 4m + j. Built by
+    stacking on a last axis (Triton's join: the new axis stays in one thread's registers, each thread
+    keeping its words' 16 bytes together), not by a broadcast over [R, 1, 8, 4], whose layout Triton
+    spreads byte by byte over the threads."""
+    b = [((words >> (8 * j)) & 255).astype(jnp.int8) for j in range(4)]
+    pairs = jnp.stack([jnp.stack([b[0], b[2]], axis=-1), jnp.stack([b[1], b[3]], axis=-1)], axis=-1)
+    return pairs.reshape(words.shape[0], 1, GROUP)                       # [m, k, j]: byte 2k + j
 
 
 def halves(lo, hi):

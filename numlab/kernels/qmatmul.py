@@ -14,6 +14,9 @@ float rounding; the dequantized weights are bit-identical):
   tokens), then the reference's float scaling. For
   fewer than 16 tokens (`Config.words`), the weights are read as 32-bit words and the
   codes multiplied four at a time by the GPU's byte dot product (dp4a), as llama.cpp's MMVQ does.
+  The dot tiles read q4_k / q5_k as words too, and take q8_1's min term of a chunk (Σ_g m_g · dx_g ·
+  Σ codes_g) in one bfloat16 tensor-core dot of the exact 6-bit mins with three bfloat16 parts of
+  x's factors (min_planes): float32 products and sums, as the per-group multiply-adds it replaces.
 Accumulation is float32.
 """
 import dataclasses
@@ -51,10 +54,11 @@ class Config:
     for tokens >= 16 (f32 exact products, tf32x3 / bf16x6 split products on tensor cores); lane_runs:
     the value layout of the multiply-add paths (layouts.Lanes: 1 or 16; 0 picks 16 for the 2-byte
     aligned q6_k and q8_0, 1 otherwise); words: fewer than 16 tokens in an integer mode read 32-bit
-    words and use byte dot products (uses_words), else bytes and float multiply-adds;
-    prefetch: those word kernels load chunk c + 1 before the arithmetic of chunk c (one chunk per
-    iteration, unroll must be 1); x_kernel: q8_1 / q8_0 activations quantized by one Pallas kernel
-    (numlab.kernels.quantize_x), else by XLA (prepare)."""
+    words and use byte dot products (uses_words), else bytes and float multiply-adds; 16 or more on
+    q4_k / q5_k: the dot tiles read the weights as words (dot_words), else bytes; prefetch: those word
+    kernels load chunk c + 1 before the arithmetic of chunk c (one chunk per iteration, unroll must be
+    1); x_kernel: q8_1 / q8_0 activations quantized by one Pallas kernel (numlab.kernels.quantize_x),
+    else by XLA (prepare)."""
 
     rows: int = 16
     tokens: int = 1
@@ -147,14 +151,30 @@ def kernel_inputs(x, fmt: str, act: str, cfg: Config, interpret: bool = False) -
     fma = act not in FLOAT_ACTS and cfg.tokens < MIN_DOT and not words
     group_major = act not in FLOAT_ACTS and cfg.tokens >= MIN_DOT
     if act in ("q8_1", "q8_0") and cfg.x_kernel:
-        return quantize_x.q8_blocks(x, "words" if words else "f32" if fma else "int8", interpret=interpret,
-                                    group_major=group_major)
+        xs = quantize_x.q8_blocks(x, "words" if words else "f32" if fma else "int8", interpret=interpret,
+                                  group_major=group_major)
+        return xs[:2] + (min_planes(xs[2]),) if min_dot(fmt, act, cfg) else xs
     xs = prepare(x, act)
     if words:
         return (lax.bitcast_convert_type(xs[0].reshape(xs[0].shape[0], -1, 4), jnp.int32),) + xs[1:]
     if fma:
         return (xs[0].astype(jnp.float32),) + xs[1:]
-    return (xs[0],) + tuple(a.T for a in xs[1:]) if group_major else xs
+    if not group_major:
+        return xs
+    xs = (xs[0],) + tuple(a.T for a in xs[1:])
+    return xs[:2] + (min_planes(xs[2]),) if min_dot(fmt, act, cfg) else xs
+
+
+def min_planes(s):
+    """x's per-group min factors s = dx · Σ codes, float32 [K / 32, N] group-major -> bfloat16
+    [K / 256, 32, N]: per chunk, rows 8i + g hold part i of group g's (s = part 0 + part 1 + part 2
+    exactly up to f32's last bit, each part rounded to bfloat16), rows 24..31 zero: the right operand
+    of the min term's dot (_int_dot), whose products with the 6-bit mins are exact."""
+    parts, rest = [], s.reshape(-1, GROUPS, s.shape[-1])
+    for _ in range(3):
+        parts.append(rest.astype(jnp.bfloat16))
+        rest = rest - parts[-1].astype(jnp.float32)
+    return jnp.stack(parts + [jnp.zeros_like(parts[0])], axis=1).reshape(-1, 4 * GROUPS, s.shape[-1])
 
 
 def qmatmul(data, fmt: str, shape, x, tile_expert, act: str, cfg: Config, interpret: bool = False, src=None):
@@ -176,7 +196,7 @@ def qmatmul(data, fmt: str, shape, x, tile_expert, act: str, cfg: Config, interp
                          f"(fitted to [{rows}, {cols}])")
     row_bytes = formats.row_bytes(fmt, cols)
     data = data.reshape(-1)
-    if uses_words(fmt, act, cfg, cols):                       # weights as 32-bit words
+    if uses_words(fmt, act, cfg, cols) or dot_words(fmt, act, cfg):     # weights as 32-bit words
         data = lax.bitcast_convert_type(data.reshape(-1, 4), jnp.int32)
     xs = kernel_inputs(x, fmt, act, cfg, interpret)
     if indirect:
@@ -202,6 +222,17 @@ def uses_words(fmt: str, act: str, cfg: Config, cols: int) -> bool:
     products (_int_words): q6_k's 210-byte super-blocks where a tile of rows is whole words."""
     return (cfg.words and act in INT_ACTS.get(fmt, ()) and fmt in layouts.WORD_FORMATS and cfg.tokens < MIN_DOT
             and (fmt != "q6_k" or cols % (2 * CHUNK) == 0 or cfg.rows % 2 == 0))
+
+
+def dot_words(fmt: str, act: str, cfg: Config) -> bool:
+    """Whether the dot tiles for (fmt, act, cfg) read the weights as 32-bit words (_int_dot_words)."""
+    return cfg.words and cfg.tokens >= MIN_DOT and act in INT_ACTS.get(fmt, ()) and fmt in layouts.DOT_WORD_FORMATS
+
+
+def min_dot(fmt: str, act: str, cfg: Config) -> bool:
+    """Whether the word dot tiles for (fmt, act, cfg) take the q8_1 min term of a chunk in one
+    tensor-core dot (mins [rows, 32] x min_planes [32, tokens]) rather than per group."""
+    return act == "q8_1" and dot_words(fmt, act, cfg)
 
 
 def _iota(shape, dim=0):
@@ -236,8 +267,10 @@ def _kernel(te_ref, w_ref, *refs, fmt, act, cfg, interpret, cols, row_bytes, exp
             return base + c * layouts.CHUNK_BYTES[fmt], c
 
         first = k_id * steps
-        if uses_words(fmt, act, cfg, cols):
-            load, compute, acc, store = _int_words(fmt, cfg, cols, act, interpret)
+        words = uses_words(fmt, act, cfg, cols)
+        if words or dot_words(fmt, act, cfg):
+            load, compute, acc, store = (_int_words(fmt, cfg, cols, act, interpret) if words
+                                         else _int_dot_words(fmt, cfg, cols, act, n_x, x_refs, xrow))
             if cfg.prefetch:                # chunk c + 1's loads are issued before chunk c's arithmetic
                 def ahead(it, carry):
                     acc, loaded = carry
@@ -253,7 +286,7 @@ def _kernel(te_ref, w_ref, *refs, fmt, act, cfg, interpret, cols, row_bytes, exp
             step, acc, store = (_float_fma if cfg.tokens < MIN_DOT else _float_dot)(fmt, cfg, cols)
         else:
             step, acc, store = (_int_fma(fmt, cfg, cols, act) if cfg.tokens < MIN_DOT
-                                else _int_dot(fmt, cfg, cols, act, n_x))
+                                else _int_dot_bytes(fmt, cfg, cols, act, n_x))
 
         def body(it, acc):
             for u in range(cfg.unroll):
@@ -398,7 +431,10 @@ def _int_dot(fmt, cfg, cols, act, n_x):
     """16+ tokens, integer modes: per group an int8 dot [rows, 32] x [32, tokens] -> int32 (q6_k: one
     per half group, for its two scales), weighted by the integer scales exactly (int32 for q8_k, in
     float32 below 2^24 otherwise), then the reference's float scaling; the min term goes into the
-    accumulator per group. x's scales are group-major (kernel_inputs): n_x rows of x."""
+    accumulator per group. x's scales are group-major (kernel_inputs): n_x rows of x. Returns
+    (accumulate, accumulators, store): accumulate(groups, x_refs, c, xrow, acc, mins) adds chunk c given
+    its 8 decoded Groups (any order) and, where min_dot, its mins (layouts.dot_word_mins; x_refs[2] is
+    then min_planes), else None."""
     def at(row, block):
         """Index of (activation row, block of the row) in x's group-major scales."""
         return block * n_x + row
@@ -425,28 +461,30 @@ def _int_dot(fmt, cfg, cols, act, n_x):
         return (_drop(grp.isc).astype(jnp.float32) * _small_int_f32(idot(jnp.where(first_half, codes, 0), xq))
                 + _drop(grp.isc2).astype(jnp.float32) * _small_int_f32(idot(jnp.where(first_half, 0, codes), xq)))
 
-    def step(w_ref, x_refs, base, c, xrow, acc):
+    def accumulate(groups, x_refs, c, xrow, acc, mins=None):
         xq_ref, dx_ref = x_refs[:2]
         bi = bm = 0
-        for s in range(layouts.GROUPS_PER_PART):
-            for grp in layouts.decode(fmt, w_ref, base, PARTS, s, 1):
-                g = grp.g.reshape(1, 1)
-                xq = xq_ref[xrow(tok) * cols + c * CHUNK + GROUP * g + _iota((GROUP, 1))]   # [32, T]
-                dots = scaled_dots(grp, xq)
-                x32 = at(xrow(tok), c * GROUPS + g)                                          # [1, T]
-                if act == "q8_k":
-                    bi = bi + dots
-                elif fmt == "q8_0":
-                    acc = acc + (_drop(grp.d) * dx_ref[x32]) * dots
-                else:
-                    dx = dx_ref[x32]
-                    bi = bi + dx * dots
-                if grp.imin is not None and act == "q8_k":
-                    bm = bm + _drop(grp.imin) * x_refs[2][x32]                                 # int32
-                elif grp.imin is not None:
-                    acc = acc - (_drop(grp.dmin) * _drop(grp.imin).astype(jnp.float32)) * x_refs[2][x32]
+        for grp in groups:
+            g = grp.g.reshape(1, 1)
+            xq = xq_ref[xrow(tok) * cols + c * CHUNK + GROUP * g + _iota((GROUP, 1))]       # [32, T]
+            dots = scaled_dots(grp, xq)
+            x32 = at(xrow(tok), c * GROUPS + g)                                              # [1, T]
+            if act == "q8_k":
+                bi = bi + dots
+            elif fmt == "q8_0":
+                acc = acc + (_drop(grp.d) * dx_ref[x32]) * dots
+            else:
+                dx = dx_ref[x32]
+                bi = bi + dx * dots
+            if grp.imin is not None and act == "q8_k":
+                bm = bm + _drop(grp.imin) * x_refs[2][x32]                                     # int32
+            elif grp.imin is not None and mins is None:
+                acc = acc - (_drop(grp.dmin) * _drop(grp.imin).astype(jnp.float32)) * x_refs[2][x32]
         if fmt == "q8_0":
             return acc
+        if mins is not None:
+            planes = x_refs[2][(c * 4 * GROUPS + _iota((4 * GROUPS, 1))) * n_x + xrow(tok)]   # [32, T]
+            acc = acc - grp.dmin.reshape(cfg.rows, 1) * jnp.dot(mins, planes, preferred_element_type=jnp.float32)
         dxk = dx_ref[at(xrow(tok), c)] if act == "q8_k" else None
         dmin = grp.dmin.reshape(cfg.rows, 1) if grp.dmin is not None and act == "q8_k" else None
         return acc + _chunk_scale(act, grp.d.reshape(cfg.rows, 1), dmin, bi, bm, dxk)
@@ -454,7 +492,36 @@ def _int_dot(fmt, cfg, cols, act, n_x):
     def store(o_ref, acc):
         o_ref[...] = acc.T
 
-    return step, jnp.zeros((cfg.rows, cfg.tokens), jnp.float32), store
+    return accumulate, jnp.zeros((cfg.rows, cfg.tokens), jnp.float32), store
+
+
+def _int_dot_bytes(fmt, cfg, cols, act, n_x):
+    """_int_dot on the weights' bytes, decoded group by group (layouts.decode): (step, accumulators,
+    store)."""
+    accumulate, zeros, store = _int_dot(fmt, cfg, cols, act, n_x)
+
+    def step(w_ref, x_refs, base, c, xrow, acc):
+        groups = (grp for s in range(layouts.GROUPS_PER_PART) for grp in layouts.decode(fmt, w_ref, base, PARTS, s, 1))
+        return accumulate(groups, x_refs, c, xrow, acc)
+
+    return step, zeros, store
+
+
+def _int_dot_words(fmt, cfg, cols, act, n_x, x_refs, xrow):
+    """_int_dot on q4_k / q5_k weights read as 32-bit words (layouts.dot_word_load: 36 or 44 words per
+    row and chunk, few enough to hold a chunk ahead): (load, compute, accumulators, store) as
+    _int_words's; x's codes are read in compute, where Triton pipelines them into the dots."""
+    accumulate, zeros, store = _int_dot(fmt, cfg, cols, act, n_x)
+
+    def load(w_ref, x_refs_, base, c, xrow_):
+        return c, layouts.dot_word_load(fmt, w_ref, (base >> 2)[:, None, None])
+
+    def compute(loaded, acc):
+        c, words = loaded
+        mins = layouts.dot_word_mins(words[0]) if min_dot(fmt, act, cfg) else None
+        return accumulate(layouts.dot_word_groups(*words), x_refs, c, xrow, acc, mins)
+
+    return load, compute, zeros, store
 
 
 def _dp4a(a, b, interpret: bool):
