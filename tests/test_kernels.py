@@ -80,8 +80,7 @@ CASES = ([(f, "f32", 1, qm.Config(rows=8, tokens=1, ksplit=2)) for f in FMTS]
          + [("q5_k", "q8_1", 17, qm.Config(rows=16, tokens=16, x_kernel=False))]
          + [(f, a, 17, qm.Config(rows=16, tokens=16, words=False)) for f, a in (("q4_k", "q8_1"), ("q5_k", "q8_1"),
                                                                                ("q5_k", "q8_k"))]
-         + [(f, a, 33, qm.Config(rows=16, tokens=16, ksplit=2, prefetch=True)) for f, a in (("q4_k", "q8_k"),
-                                                                                          ("q5_k", "q8_1"))])
+         + [(f, a, 17, qm.Config(rows=16, tokens=16, prefetch=True)) for f, a in (("q4_k", "q8_k"), ("q5_k", "q8_1"))])
 
 
 def _case_id(fmt, act, n, cfg):
