@@ -320,8 +320,9 @@ MANY_TOKENS_FLOAT = [_cfg(64, tokens=32, warps=8), _cfg(32, tokens=16, warps=4),
 
 def tuned_first(case: Case, configs, tokens_per_matrix: int | None = None, matrices: int = 1) -> list:
     """numlab.kernels.tuning's config for the case (what the model runs) first; below 16 tokens in an
-    integer mode also it on bytes (words=False) and, for one token, with prefetch flipped; then configs
-    (tokens_per_matrix, matrices: the tuning's token count, default case.n, and matrices per launch)."""
+    integer mode also it on bytes (words=False) and, for one token, with prefetch flipped; dot tiles
+    that can read words (qmatmul.dot_words) also with words flipped; then configs (tokens_per_matrix,
+    matrices: the tuning's token count, default case.n, and matrices per launch)."""
     from numlab.kernels import tuning
     tuned = tuning.config_for(case.fmt, case.act, tokens_per_matrix or case.n, case.rows, case.cols, matrices)
     out = [tuned]
@@ -329,6 +330,9 @@ def tuned_first(case: Case, configs, tokens_per_matrix: int | None = None, matri
         out.append(dataclasses.replace(tuned, words=False, prefetch=False))
         if tuned.tokens == 1:
             out.append(dataclasses.replace(tuned, prefetch=not tuned.prefetch))
+    flipped = dataclasses.replace(tuned, words=not tuned.words)
+    if qm.dot_words(case.fmt, case.act, tuned) or qm.dot_words(case.fmt, case.act, flipped):
+        out.append(flipped)
     return out + [c for c in configs if c not in out]
 
 
@@ -394,8 +398,9 @@ def quantize_x_sweep(cols_list=(14336, 2048), pers=(64, 32, 16, 8, 4, 2, 1), cal
 def check_all(key, deadline: float, log=print) -> list:
     """Every format through the default tilings of each code path (float and integer modes; 1, 3 and
     17 tokens; bf16 and f16, which differ from f32 only in x's rounding before the kernel, on q4_k;
-    q6_k's integer word kernels also on 768 columns, odd super-blocks per row) against the reference
-    on fresh random inputs, small shapes: [{fmt, act, n, cols, max_err_over_scale, ok}]."""
+    q6_k's integer word kernels also on 768 columns, odd super-blocks per row; q4_k's and q5_k's dot
+    tiles also reading words, "words": True) against the reference on fresh random inputs, small
+    shapes: [{fmt, act, n, cols, max_err_over_scale, ok}]."""
     from numlab.kernels import tuning
     out = []
     cpu_int = {"q4_k": "q8_k", "q5_k": "q8_k", "q6_k": "q8_k", "q8_0": "q8_0"}
@@ -403,15 +408,17 @@ def check_all(key, deadline: float, log=print) -> list:
         combos = [("f32", 1), ("q8_1", 1), ("q8_1", 17), ("f32", 17), (cpu_int[fmt], 3)]
         combos = [("q8_1", 1), ("q8_k", 3)] if cols == 768 else combos
         combos += [("bf16", 3), ("f16", 1)] if fmt == "q4_k" else []
+        combos += [("q8_1", 17, "words"), ("q8_k", 17, "words")] if fmt in ("q4_k", "q5_k") else []
         ws = random_weights(jax.random.fold_in(key, i), fmt, 1, 256, cols)
-        for j, (act, n) in enumerate(combos):
+        for j, (act, n, *words) in enumerate(combos):
             case = Case(fmt, 256, cols, n, act, "check")
-            entry = {"fmt": fmt, "act": act, "n": n, "cols": cols}
+            entry = {"fmt": fmt, "act": act, "n": n, "cols": cols, **({"words": True} if words else {})}
             if time.perf_counter() > deadline:
                 entry["skipped_for_time"] = True
                 out.append(entry)
                 continue
             cfg = tuning.config_for(fmt, act, n, 256, cols)
+            cfg = dataclasses.replace(cfg, words=True) if words else cfg
             x = jax.random.normal(jax.random.fold_in(key, 100 * i + j), (n, cols), jnp.float32)
             try:
                 y = kernel_product(case, cfg)(ws[0], x)

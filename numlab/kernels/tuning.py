@@ -38,7 +38,8 @@ def config_for(fmt: str, act: str, n_tokens: int, rows: int | None = None, cols:
     launch's matrices (q4_k 4096×14336 at 512 tokens: 521.8 us of kernel at 64 × 128, 554.2 at 64 × 64,
     581.9 at 128 × 64 with 8 warps; at 64 tokens 92.1 at 64 × 64 against 140.5 at 64 × 32; MUL_MAT_ID at
     256 tokens, 16 per expert: 212.3 us unsplit against 235.9 at 4 splits;
-    results/bench/dot-tiles.json)."""
+    results/bench/dot-tiles.json). The dot tiles read bytes (words=False): their word variant for q4_k /
+    q5_k (qmatmul.dot_words) is not yet timed on a GPU."""
     waves = WAVES
     if n_tokens <= 1:
         integer = act not in FLOAT_ACTS
@@ -53,7 +54,7 @@ def config_for(fmt: str, act: str, n_tokens: int, rows: int | None = None, cols:
         cfg = Config(rows=32, tokens=_pow2_at_least(n_tokens), num_warps=4)
     else:
         widest = 128 if n_tokens > 256 and (fmt, act) == ("q4_k", "q8_1") else 64
-        cfg = Config(rows=64, tokens=min(max(MIN_DOT, _pow2_at_least(n_tokens)), widest), num_warps=4)
+        cfg = Config(rows=64, tokens=min(max(MIN_DOT, _pow2_at_least(n_tokens)), widest), num_warps=4, words=False)
     if rows is None or cols is None:
         return cfg
     programs = max(1, rows // cfg.rows) * max(1, -(-n_tokens // cfg.tokens))
