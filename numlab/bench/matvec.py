@@ -304,8 +304,10 @@ def _cfg(rows, tokens=1, ksplit=1, unroll=1, warps=4, stages=3, dot="f32", lane_
                      num_stages=stages, dot=dot, lane_runs=lane_runs, words=words, prefetch=prefetch)
 
 
-# Variants, the expected best first (a run out of time keeps the first ones).
+# Variants, the expected best first (a run out of time keeps the first ones); one token also on 4 and 8
+# rows per program unsplit, long loops and no split sum after the kernel (untimed so far).
 ONE_TOKEN = [_cfg(16, ksplit=4, prefetch=True), _cfg(16, ksplit=8, prefetch=True), _cfg(16, ksplit=4),
+             _cfg(4, warps=1, prefetch=True), _cfg(8, warps=2, prefetch=True),
              _cfg(32, ksplit=8), _cfg(16, ksplit=8), _cfg(32, ksplit=4),
              _cfg(16, ksplit=4, unroll=2), _cfg(8, ksplit=4), _cfg(16, ksplit=4, warps=2), _cfg(64, ksplit=8),
              _cfg(32, ksplit=4, warps=8), _cfg(16, ksplit=8, words=False), _cfg(32, ksplit=8, stages=1)]
