@@ -168,12 +168,14 @@ def kernel_inputs(x, fmt: str, act: str, cfg: Config, interpret: bool = False) -
 def min_planes(s):
     """x's per-group min factors s = dx · Σ codes, float32 [K / 32, N] group-major -> bfloat16
     [K / 256, 32, N]: per chunk, rows 8i + g hold part i of group g's (s = part 0 + part 1 + part 2
-    exactly up to f32's last bit, each part rounded to bfloat16), rows 24..31 zero: the right operand
-    of the min term's dot (_int_dot), whose products with the 6-bit mins are exact."""
-    parts, rest = [], s.reshape(-1, GROUPS, s.shape[-1])
+    exactly, each part s's next 8 significant bits, cut from the bits: XLA on the GPU may drop a
+    float32 -> bfloat16 -> float32 round trip), rows 24..31 zero: the right operand of the min term's
+    dot (_int_dot), whose products with the 6-bit mins are exact."""
+    parts, rest = [], s.reshape(-1, GROUPS, s.shape[-1]).astype(jnp.float32)
     for _ in range(3):
-        parts.append(rest.astype(jnp.bfloat16))
-        rest = rest - parts[-1].astype(jnp.float32)
+        bits = lax.bitcast_convert_type(rest, jnp.uint32)
+        parts.append(lax.bitcast_convert_type((bits >> 16).astype(jnp.uint16), jnp.bfloat16))
+        rest = rest - lax.bitcast_convert_type(bits & jnp.uint32(0xFFFF0000), jnp.float32)
     return jnp.stack(parts + [jnp.zeros_like(parts[0])], axis=1).reshape(-1, 4 * GROUPS, s.shape[-1])
 
 

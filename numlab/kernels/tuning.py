@@ -33,13 +33,12 @@ def config_for(fmt: str, act: str, n_tokens: int, rows: int | None = None, cols:
     against 136.7, MUL_MAT_ID q6_k 11.1 against 11.5; q8_0 within 0.6 us either way in three runs).
     Float modes at 2 to 8 tokens: 16 rows, 4 warps (q4_k 4096×14336 at 8 tokens: 105.3 us against 263.8
     with 32 rows and 8 warps; MUL_MAT_ID at 4 per expert 293.3 against 647.5). Integer dot tiles: 64
-    rows, 4 warps, up to 64 tokens (128 above 256 for q4_k · q8_1, the one pair whose 128-token tile
-    does not spill: 48 bytes of stack for sm_90, 0.8–5 KB for the others), column splits counting a MoE
-    launch's matrices (q4_k 4096×14336 at 512 tokens: 521.8 us of kernel at 64 × 128, 554.2 at 64 × 64,
-    581.9 at 128 × 64 with 8 warps; at 64 tokens 92.1 at 64 × 64 against 140.5 at 64 × 32; MUL_MAT_ID at
-    256 tokens, 16 per expert: 212.3 us unsplit against 235.9 at 4 splits;
-    results/bench/dot-tiles.json). The dot tiles read bytes (words=False): their word variant for q4_k /
-    q5_k (qmatmul.dot_words) is not yet timed on a GPU."""
+    rows, 4 warps, up to 64 tokens, q4_k / q5_k weights read as words (qmatmul.dot_words), column
+    splits counting a MoE launch's matrices (q4_k · q8_1 4096×14336 at 512 tokens, whole product:
+    words 522.9 us at 64 × 64 against 642.7 at 64 × 128 and 592.2 at 128 × 64 with 8 warps, bytes 567.4
+    at 64 × 128; 8 tokens 47.2 against 52.0 on bytes; MUL_MAT_ID at 16 tokens per expert, 256 tokens,
+    225.8 against 252.6, 64 tokens 154.4 against 166.1; results/bench/matvec.json, moe.json; earlier
+    sweep: results/bench/dot-tiles.json)."""
     waves = WAVES
     if n_tokens <= 1:
         integer = act not in FLOAT_ACTS
@@ -53,8 +52,7 @@ def config_for(fmt: str, act: str, n_tokens: int, rows: int | None = None, cols:
     elif n_tokens <= 4 and fmt in WORD_FORMATS:
         cfg = Config(rows=32, tokens=_pow2_at_least(n_tokens), num_warps=4)
     else:
-        widest = 128 if n_tokens > 256 and (fmt, act) == ("q4_k", "q8_1") else 64
-        cfg = Config(rows=64, tokens=min(max(MIN_DOT, _pow2_at_least(n_tokens)), widest), num_warps=4, words=False)
+        cfg = Config(rows=64, tokens=min(max(MIN_DOT, _pow2_at_least(n_tokens)), 64), num_warps=4)
     if rows is None or cols is None:
         return cfg
     programs = max(1, rows // cfg.rows) * max(1, -(-n_tokens // cfg.tokens))
