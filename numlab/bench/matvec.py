@@ -304,18 +304,18 @@ def _cfg(rows, tokens=1, ksplit=1, unroll=1, warps=4, stages=3, dot="f32", lane_
                      num_stages=stages, dot=dot, lane_runs=lane_runs, words=words, prefetch=prefetch)
 
 
-# Variants, the expected best first (a run out of time keeps the first ones); one token also on 4 and 8
-# rows per program unsplit, long loops and no split sum after the kernel (untimed so far).
+# Variants, the expected best first (a run out of time keeps the first ones).
 ONE_TOKEN = [_cfg(16, ksplit=4, prefetch=True), _cfg(16, ksplit=8, prefetch=True), _cfg(16, ksplit=4),
-             _cfg(4, warps=1, prefetch=True), _cfg(8, warps=2, prefetch=True),
              _cfg(32, ksplit=8), _cfg(16, ksplit=8), _cfg(32, ksplit=4),
              _cfg(16, ksplit=4, unroll=2), _cfg(8, ksplit=4), _cfg(16, ksplit=4, warps=2), _cfg(64, ksplit=8),
              _cfg(32, ksplit=4, warps=8), _cfg(16, ksplit=8, words=False), _cfg(32, ksplit=8, stages=1)]
-FEW_TOKENS_INT = [_cfg(32, tokens=8, ksplit=8), _cfg(32, tokens=8, ksplit=4), _cfg(64, tokens=16, ksplit=4),
+FEW_TOKENS_INT = [_cfg(64, tokens=16, ksplit=8, prefetch=True), _cfg(32, tokens=8, ksplit=8),
+                  _cfg(32, tokens=8, ksplit=4), _cfg(64, tokens=16, ksplit=4),
                   _cfg(16, tokens=8, ksplit=8, warps=2), _cfg(64, tokens=16, ksplit=2)]
 FEW_TOKENS_FLOAT = [_cfg(32, tokens=8, ksplit=4, warps=8), _cfg(32, tokens=8, ksplit=8, warps=8),
                     _cfg(16, tokens=8, ksplit=4, warps=4), _cfg(32, tokens=16, ksplit=4, warps=4)]
-MANY_TOKENS_INT = [_cfg(64, tokens=64, warps=4), _cfg(128, tokens=64, warps=8), _cfg(64, tokens=32, warps=4)]
+MANY_TOKENS_INT = [_cfg(64, tokens=64, ksplit=2, prefetch=True), _cfg(64, tokens=64, warps=4),
+                   _cfg(128, tokens=64, warps=8), _cfg(64, tokens=32, warps=4)]
 MANY_TOKENS_FLOAT = [_cfg(64, tokens=32, warps=8), _cfg(32, tokens=16, warps=4),
                      _cfg(64, tokens=32, warps=8, dot="tf32x3"), _cfg(64, tokens=16, warps=4, dot="tf32x3")]
 
@@ -401,8 +401,9 @@ def check_all(key, deadline: float, log=print) -> list:
     """Every format through the default tilings of each code path (float and integer modes; 1, 3 and
     17 tokens; bf16 and f16, which differ from f32 only in x's rounding before the kernel, on q4_k;
     q6_k's integer word kernels also on 768 columns, odd super-blocks per row; q4_k's and q5_k's dot
-    tiles also reading words, "words": True) against the reference on fresh random inputs, small
-    shapes: [{fmt, act, n, cols, max_err_over_scale, ok}]."""
+    tiles also reading bytes and loading a chunk ahead, the overrides recorded: "words": False,
+    "prefetch": True) against the reference on fresh random inputs, small shapes: [{fmt, act, n, cols,
+    max_err_over_scale, ok}]."""
     from numlab.kernels import tuning
     out = []
     cpu_int = {"q4_k": "q8_k", "q5_k": "q8_k", "q6_k": "q8_k", "q8_0": "q8_0"}
@@ -410,17 +411,19 @@ def check_all(key, deadline: float, log=print) -> list:
         combos = [("f32", 1), ("q8_1", 1), ("q8_1", 17), ("f32", 17), (cpu_int[fmt], 3)]
         combos = [("q8_1", 1), ("q8_k", 3)] if cols == 768 else combos
         combos += [("bf16", 3), ("f16", 1)] if fmt == "q4_k" else []
-        combos += [("q8_1", 17, "words"), ("q8_k", 17, "words")] if fmt in ("q4_k", "q5_k") else []
+        combos += [(act, 17, {"words": False}) for act in ("q8_1", "q8_k")] if fmt in ("q4_k", "q5_k") else []
+        combos += [("q8_1", 17, {"prefetch": True})] if fmt in ("q4_k", "q5_k") else []
         ws = random_weights(jax.random.fold_in(key, i), fmt, 1, 256, cols)
-        for j, (act, n, *words) in enumerate(combos):
+        for j, (act, n, *overrides) in enumerate(combos):
+            overrides = overrides[0] if overrides else {}
             case = Case(fmt, 256, cols, n, act, "check")
-            entry = {"fmt": fmt, "act": act, "n": n, "cols": cols, **({"words": True} if words else {})}
+            entry = {"fmt": fmt, "act": act, "n": n, "cols": cols, **overrides}
             if time.perf_counter() > deadline:
                 entry["skipped_for_time"] = True
                 out.append(entry)
                 continue
             cfg = tuning.config_for(fmt, act, n, 256, cols)
-            cfg = dataclasses.replace(cfg, words=True) if words else cfg
+            cfg = dataclasses.replace(cfg, **overrides)
             x = jax.random.normal(jax.random.fold_in(key, 100 * i + j), (n, cols), jnp.float32)
             try:
                 y = kernel_product(case, cfg)(ws[0], x)

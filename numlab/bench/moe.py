@@ -136,17 +136,18 @@ def ffn_sweep(n: int, act: str, cfg: qm.Config, key, repeats: int, deadline: flo
     return out
 
 
-def _cfg(rows, tokens=1, ksplit=1, warps=4):
-    return qm.Config(rows=rows, tokens=tokens, ksplit=ksplit, num_warps=warps)
+def _cfg(rows, tokens=1, ksplit=1, warps=4, prefetch=False):
+    return qm.Config(rows=rows, tokens=tokens, ksplit=ksplit, num_warps=warps, prefetch=prefetch)
 
 
 def default_cases():
     """(case, configs): the MUL_MAT_ID rows of issue 7 and the Q6_K ffn_down of Qwen3-30B-A3B's Q4_K_M
     (768 columns: odd super-blocks per row), each led by the tuned config (matvec.tuned_first)."""
-    one = [_cfg(16, ksplit=4), _cfg(16, ksplit=2), qm.Config(rows=4, num_warps=1, prefetch=True),
-           qm.Config(rows=8, num_warps=2, prefetch=True), _cfg(32, ksplit=2, warps=8), _cfg(8, ksplit=4)]
-    few_int = [_cfg(32, tokens=4, ksplit=2), _cfg(32, tokens=8, ksplit=2), _cfg(64, tokens=16), _cfg(16, tokens=4, ksplit=4)]
-    many_int = [_cfg(64, tokens=16), _cfg(64, tokens=32), _cfg(128, tokens=16, warps=8)]
+    one = [_cfg(16, ksplit=4), _cfg(16, ksplit=2), _cfg(32, ksplit=2, warps=8), _cfg(8, ksplit=4)]
+    few_int = [_cfg(32, tokens=4, ksplit=2), _cfg(32, tokens=8, ksplit=2), _cfg(64, tokens=16),
+               _cfg(16, tokens=4, ksplit=4)]
+    many_int = [_cfg(64, tokens=16, prefetch=True), _cfg(64, tokens=32), _cfg(64, tokens=32, prefetch=True),
+                _cfg(128, tokens=16, warps=8)]
     few_float = [_cfg(32, tokens=4, warps=8), _cfg(32, tokens=8, warps=8)]
     many_float = [_cfg(64, tokens=16, warps=8), _cfg(32, tokens=8, warps=8)]
     q4 = lambda n, act: mv.Case("q4_k", D_FF, D_MODEL, n, act, "mul_mat_id")
