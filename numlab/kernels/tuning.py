@@ -9,7 +9,7 @@ multiprocessor so that enough loads are in flight.
 """
 import dataclasses
 
-from numlab.kernels.layouts import WORD_FORMATS
+from numlab.kernels.layouts import DOT_WORD_FORMATS, WORD_FORMATS
 from numlab.kernels.qmatmul import CHUNK, FLOAT_ACTS, MIN_DOT, Config
 
 SMS = 132          # H100 SXM multiprocessors
@@ -26,8 +26,9 @@ def config_for(fmt: str, act: str, n_tokens: int, rows: int | None = None, cols:
     one launch multiplies `matrices` of them: a MoE layer's experts touched at one token). One token:
     4 warps (faster than 8 for every format on the H100, results/bench/matvec.json), 16 rows for
     integer modes, 32 for float; integer modes on the word formats keep byte dot products up to 4
-    tokens (MUL_MAT_ID at 4 tokens per expert: 209 us against 252 us for 16-token dot tiles; with 8
-    per expert, the 128-token prefill, the dot tiles were faster: 0.148 s against 0.161 s). One token
+    tokens (MUL_MAT_ID at 4 tokens per expert: 209 us against 252 us for 16-token byte dot tiles; with
+    8 per expert, the 128-token prefill, the dot tiles were faster: 0.148 s against 0.161 s), q4_k and
+    q5_k up to 3 (their word dot tiles at 4 per expert: 154.0 us against 165.6). One token
     loads a chunk ahead on q4_k, q5_k and q6_k, not q8_0 (results/bench/matvec.json, moe.json, per
     product: q4_k 4096×14336 20.7 against 24.2 us, q6_k 29.5 against 37.3, the Q6_K lm_head 123.9
     against 136.7, MUL_MAT_ID q6_k 11.1 against 11.5; q8_0 within 0.6 us either way in three runs).
@@ -49,7 +50,7 @@ def config_for(fmt: str, act: str, n_tokens: int, rows: int | None = None, cols:
         cfg = Config(rows=16, tokens=_pow2_at_least(n_tokens), num_warps=4)
     elif act in FLOAT_ACTS:
         cfg = Config(rows=64, tokens=32, num_warps=8)
-    elif n_tokens <= 4 and fmt in WORD_FORMATS:
+    elif fmt in WORD_FORMATS and n_tokens <= (3 if fmt in DOT_WORD_FORMATS else 4):
         cfg = Config(rows=32, tokens=_pow2_at_least(n_tokens), num_warps=4)
     else:
         cfg = Config(rows=64, tokens=min(max(MIN_DOT, _pow2_at_least(n_tokens)), 64), num_warps=4)
