@@ -49,7 +49,8 @@ def test_measured_dot_tiles():
     """The dot tiles read off the H100 sweeps (results/bench/matvec.json, dot-tiles.json): q4_k · q8_1 at
     512 tokens 64 × 64 on words; 64 tokens 64 × 64 at 8 splits; MUL_MAT_ID at 16 tokens per expert over
     128 experts unsplit (the launch's matrices fill the machine); other pairs keep 64 tokens at 512; at 4
-    tokens per expert q4_k takes the dot tiles, q6_k the byte dot products."""
+    tokens per expert q4_k takes the dot tiles (not at 3, nor one matrix at 4), q6_k the byte dot
+    products (results/bench/four-tokens-h100.json)."""
     def fitted(fmt, act, n, rows, cols, matrices=1):
         c = qm.fit(tuning.config_for(fmt, act, n, rows, cols, matrices), rows, cols)
         return c.rows, c.tokens, c.num_warps, c.ksplit
@@ -57,5 +58,7 @@ def test_measured_dot_tiles():
     assert fitted("q4_k", "q8_1", 64, 4096, 14336) == (64, 64, 4, 8)
     assert fitted("q4_k", "q8_1", 16, 768, 2048, 128) == (64, 16, 4, 1)
     assert fitted("q6_k", "q8_1", 512, 4096, 14336)[:2] == (64, 64)
-    assert fitted("q4_k", "q8_1", 4, 768, 2048, 128)[:2] == (64, 16)      # word dot tiles from 4 tokens
+    assert fitted("q4_k", "q8_1", 4, 768, 2048, 128)[:2] == (64, 16)      # word dot tiles from 4 per expert
+    assert fitted("q4_k", "q8_1", 3, 768, 2048, 128)[:2] == (32, 4)
+    assert fitted("q4_k", "q8_1", 4, 4096, 14336)[:2] == (32, 4)
     assert fitted("q6_k", "q8_1", 4, 768, 2048, 128)[:2] == (32, 4)

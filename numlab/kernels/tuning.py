@@ -27,8 +27,10 @@ def config_for(fmt: str, act: str, n_tokens: int, rows: int | None = None, cols:
     4 warps (faster than 8 for every format on the H100, results/bench/matvec.json), 16 rows for
     integer modes, 32 for float; integer modes on the word formats keep byte dot products up to 4
     tokens (MUL_MAT_ID at 4 tokens per expert: 209 us against 252 us for 16-token byte dot tiles; with
-    8 per expert, the 128-token prefill, the dot tiles were faster: 0.148 s against 0.161 s), q4_k and
-    q5_k up to 3 (their word dot tiles at 4 per expert: 154.0 us against 165.6). One token
+    8 per expert, the 128-token prefill, the dot tiles were faster: 0.148 s against 0.161 s); q4_k and
+    q5_k across several matrices up to 3 (their word dot tiles at a mean 4 per expert, whose counts
+    spread over several 4-token tiles: 154.0 us against 165.6; at 3 per expert 151.9 against 144.1;
+    one matrix at 4 tokens 47.2 against 41.8, results/bench/four-tokens-h100.json). One token
     loads a chunk ahead on q4_k, q5_k and q6_k, not q8_0 (results/bench/matvec.json, moe.json, per
     product: q4_k 4096×14336 20.7 against 24.2 us, q6_k 29.5 against 37.3, the Q6_K lm_head 123.9
     against 136.7, MUL_MAT_ID q6_k 11.1 against 11.5; q8_0 within 0.6 us either way in three runs).
@@ -50,7 +52,7 @@ def config_for(fmt: str, act: str, n_tokens: int, rows: int | None = None, cols:
         cfg = Config(rows=16, tokens=_pow2_at_least(n_tokens), num_warps=4)
     elif act in FLOAT_ACTS:
         cfg = Config(rows=64, tokens=32, num_warps=8)
-    elif fmt in WORD_FORMATS and n_tokens <= (3 if fmt in DOT_WORD_FORMATS else 4):
+    elif fmt in WORD_FORMATS and n_tokens <= (3 if fmt in DOT_WORD_FORMATS and matrices > 1 else 4):
         cfg = Config(rows=32, tokens=_pow2_at_least(n_tokens), num_warps=4)
     else:
         cfg = Config(rows=64, tokens=min(max(MIN_DOT, _pow2_at_least(n_tokens)), 64), num_warps=4)
