@@ -5,11 +5,11 @@ import functools
 import re
 
 import chex
-from absl.testing import parameterized
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from absl.testing import parameterized
 
 import numlab.formats as formats
 from hlo_checks import rounding_pairs

@@ -299,25 +299,27 @@ def _brief(e: dict) -> str:
             f"({c['of_copy_bandwidth']:.2f} of copy), {c['tflop_per_s']:.2f} TFLOP/s{ggml}{check}")
 
 
-def _cfg(rows, tokens=1, ksplit=1, unroll=1, warps=4, stages=3, dot="f32", lane_runs=0, words=True, prefetch=False):
+def tiling(rows, tokens=1, ksplit=1, unroll=1, warps=4, stages=3, dot="f32", lane_runs=0, words=True,
+           prefetch=False):
+    """A qmatmul.Config under the bench's short names (warps, stages)."""
     return qm.Config(rows=rows, tokens=tokens, ksplit=ksplit, unroll=unroll, num_warps=warps,
                      num_stages=stages, dot=dot, lane_runs=lane_runs, words=words, prefetch=prefetch)
 
 
 # Variants, the expected best first (a run out of time keeps the first ones).
-ONE_TOKEN = [_cfg(16, ksplit=4, prefetch=True), _cfg(16, ksplit=8, prefetch=True), _cfg(16, ksplit=4),
-             _cfg(32, ksplit=8), _cfg(16, ksplit=8), _cfg(32, ksplit=4),
-             _cfg(16, ksplit=4, unroll=2), _cfg(8, ksplit=4), _cfg(16, ksplit=4, warps=2), _cfg(64, ksplit=8),
-             _cfg(32, ksplit=4, warps=8), _cfg(16, ksplit=8, words=False), _cfg(32, ksplit=8, stages=1)]
-FEW_TOKENS_INT = [_cfg(64, tokens=16, ksplit=8, prefetch=True), _cfg(32, tokens=8, ksplit=8),
-                  _cfg(32, tokens=8, ksplit=4), _cfg(64, tokens=16, ksplit=4),
-                  _cfg(16, tokens=8, ksplit=8, warps=2), _cfg(64, tokens=16, ksplit=2)]
-FEW_TOKENS_FLOAT = [_cfg(32, tokens=8, ksplit=4, warps=8), _cfg(32, tokens=8, ksplit=8, warps=8),
-                    _cfg(16, tokens=8, ksplit=4, warps=4), _cfg(32, tokens=16, ksplit=4, warps=4)]
-MANY_TOKENS_INT = [_cfg(64, tokens=64, ksplit=2, prefetch=True), _cfg(64, tokens=64, warps=4),
-                   _cfg(128, tokens=64, warps=8), _cfg(64, tokens=32, warps=4)]
-MANY_TOKENS_FLOAT = [_cfg(64, tokens=32, warps=8), _cfg(32, tokens=16, warps=4),
-                     _cfg(64, tokens=32, warps=8, dot="tf32x3"), _cfg(64, tokens=16, warps=4, dot="tf32x3")]
+ONE_TOKEN = [tiling(16, ksplit=4, prefetch=True), tiling(16, ksplit=8, prefetch=True), tiling(16, ksplit=4),
+             tiling(32, ksplit=8), tiling(16, ksplit=8), tiling(32, ksplit=4), tiling(16, ksplit=4, unroll=2),
+             tiling(8, ksplit=4), tiling(16, ksplit=4, warps=2), tiling(64, ksplit=8),
+             tiling(32, ksplit=4, warps=8), tiling(16, ksplit=8, words=False), tiling(32, ksplit=8, stages=1)]
+FEW_TOKENS_INT = [tiling(64, tokens=16, ksplit=8, prefetch=True), tiling(32, tokens=8, ksplit=8),
+                  tiling(32, tokens=8, ksplit=4), tiling(64, tokens=16, ksplit=4),
+                  tiling(16, tokens=8, ksplit=8, warps=2), tiling(64, tokens=16, ksplit=2)]
+FEW_TOKENS_FLOAT = [tiling(32, tokens=8, ksplit=4, warps=8), tiling(32, tokens=8, ksplit=8, warps=8),
+                    tiling(16, tokens=8, ksplit=4, warps=4), tiling(32, tokens=16, ksplit=4, warps=4)]
+MANY_TOKENS_INT = [tiling(64, tokens=64, ksplit=2, prefetch=True), tiling(64, tokens=64, warps=4),
+                   tiling(128, tokens=64, warps=8), tiling(64, tokens=32, warps=4)]
+MANY_TOKENS_FLOAT = [tiling(64, tokens=32, warps=8), tiling(32, tokens=16, warps=4),
+                     tiling(64, tokens=32, warps=8, dot="tf32x3"), tiling(64, tokens=16, warps=4, dot="tf32x3")]
 
 
 def tuned_first(case: Case, configs, tokens_per_matrix: int | None = None, matrices: int = 1) -> list:
@@ -344,7 +346,7 @@ def default_cases():
     big = (4096, 14336)
     cases = [(Case("q4_k", *big, 1, act), ONE_TOKEN) for act in ("q8_1", "f32")]
     cases.append((Case("q4_k", *big, 1, "q8_k"), ONE_TOKEN[:3]))
-    two_byte = ONE_TOKEN[:4] + [_cfg(32, ksplit=4, lane_runs=1), _cfg(64, ksplit=4)]
+    two_byte = ONE_TOKEN[:4] + [tiling(32, ksplit=4, lane_runs=1), tiling(64, ksplit=4)]
     cases += [(Case(fmt, *big, 1, act), two_byte) for fmt in ("q6_k", "q8_0") for act in ("q8_1", "f32")]
     cases += [(Case("q4_k", *big, 8, "q8_1"), FEW_TOKENS_INT), (Case("q4_k", *big, 8, "f32"), FEW_TOKENS_FLOAT),
               (Case("q4_k", *big, 512, "q8_1"), MANY_TOKENS_INT), (Case("q4_k", *big, 512, "f32"), MANY_TOKENS_FLOAT)]
@@ -414,8 +416,8 @@ def check_all(key, deadline: float, log=print) -> list:
         combos += [(act, 17, {"words": False}) for act in ("q8_1", "q8_k")] if fmt in ("q4_k", "q5_k") else []
         combos += [("q8_1", 17, {"prefetch": True})] if fmt in ("q4_k", "q5_k") else []
         ws = random_weights(jax.random.fold_in(key, i), fmt, 1, 256, cols)
-        for j, (act, n, *overrides) in enumerate(combos):
-            overrides = overrides[0] if overrides else {}
+        for j, (act, n, *rest) in enumerate(combos):
+            overrides = dict(*rest)
             case = Case(fmt, 256, cols, n, act, "check")
             entry = {"fmt": fmt, "act": act, "n": n, "cols": cols, **overrides}
             if time.perf_counter() > deadline:

@@ -136,20 +136,17 @@ def ffn_sweep(n: int, act: str, cfg: qm.Config, key, repeats: int, deadline: flo
     return out
 
 
-def _cfg(rows, tokens=1, ksplit=1, warps=4, prefetch=False):
-    return qm.Config(rows=rows, tokens=tokens, ksplit=ksplit, num_warps=warps, prefetch=prefetch)
-
-
 def default_cases():
     """(case, configs): the MUL_MAT_ID rows of issue 7 and the Q6_K ffn_down of Qwen3-30B-A3B's Q4_K_M
     (768 columns: odd super-blocks per row), each led by the tuned config (matvec.tuned_first)."""
-    one = [_cfg(16, ksplit=4), _cfg(16, ksplit=2), _cfg(32, ksplit=2, warps=8), _cfg(8, ksplit=4)]
-    few_int = [_cfg(32, tokens=4, ksplit=2), _cfg(32, tokens=8, ksplit=2), _cfg(64, tokens=16),
-               _cfg(16, tokens=4, ksplit=4)]
-    many_int = [_cfg(64, tokens=16, prefetch=True), _cfg(64, tokens=32), _cfg(64, tokens=32, prefetch=True),
-                _cfg(128, tokens=16, warps=8)]
-    few_float = [_cfg(32, tokens=4, warps=8), _cfg(32, tokens=8, warps=8)]
-    many_float = [_cfg(64, tokens=16, warps=8), _cfg(32, tokens=8, warps=8)]
+    one = [mv.tiling(16, ksplit=4), mv.tiling(16, ksplit=2), mv.tiling(32, ksplit=2, warps=8),
+           mv.tiling(8, ksplit=4)]
+    few_int = [mv.tiling(32, tokens=4, ksplit=4), mv.tiling(32, tokens=4, ksplit=2), mv.tiling(32, tokens=8, ksplit=2),
+               mv.tiling(64, tokens=16), mv.tiling(16, tokens=4, ksplit=4)]
+    many_int = [mv.tiling(64, tokens=16, prefetch=True), mv.tiling(64, tokens=32),
+                mv.tiling(64, tokens=32, prefetch=True), mv.tiling(128, tokens=16, warps=8)]
+    few_float = [mv.tiling(32, tokens=4, warps=8), mv.tiling(32, tokens=8, warps=8)]
+    many_float = [mv.tiling(64, tokens=16, warps=8), mv.tiling(32, tokens=8, warps=8)]
     q4 = lambda n, act: mv.Case("q4_k", D_FF, D_MODEL, n, act, "mul_mat_id")
     cases = [(q4(1, "q8_1"), one), (q4(64, "q8_1"), few_int), (q4(256, "q8_1"), many_int),
              (mv.Case("q6_k", D_FF, D_MODEL, 1, "q8_1", "mul_mat_id"), one[:2]),
@@ -170,8 +167,8 @@ def run(cases=None, repeats: int = 10, budget_s: float = 90.0, seed: int = 0, co
               for i, (c, cfgs) in enumerate(cases or default_cases())]
     results = mv.run_sweeps(sweeps, start + 0.8 * budget_s)
     ffn = [ffn_sweep(n, act, cfg, jax.random.PRNGKey(seed * 1000 + 500 + n), repeats, start + budget_s - 15, log)
-           for n, act, cfg in ((1, "q8_1", _cfg(16, ksplit=4)), (64, "q8_1", _cfg(32, tokens=4, ksplit=2)),
-                               (256, "q8_1", _cfg(64, tokens=16)))] if cases is None else []
+           for n, act, cfg in ((1, "q8_1", mv.tiling(16, ksplit=4)), (64, "q8_1", mv.tiling(32, tokens=4, ksplit=2)),
+                               (256, "q8_1", mv.tiling(64, tokens=16)))] if cases is None else []
     return {"device": dev.device_kind, "platform": dev.platform, "jax_version": jax.__version__,
             "copy_bandwidth_bytes_per_s": copy_bw, "repeats": repeats, "check_rtol": mv.CHECK_RTOL,
             "notes": __doc__ + " Bandwidth figures count the bytes of the experts a call touches and "

@@ -38,10 +38,11 @@ def config_for(fmt: str, act: str, n_tokens: int, rows: int | None = None, cols:
     with 32 rows and 8 warps; MUL_MAT_ID at 4 per expert 293.3 against 647.5). Integer dot tiles: 64
     rows, 4 warps, up to 64 tokens, q4_k / q5_k weights read as words (qmatmul.dot_words), column
     splits counting a MoE launch's matrices (q4_k · q8_1 4096×14336 at 512 tokens, whole product:
-    words 522.9 us at 64 × 64 against 642.7 at 64 × 128 and 592.2 at 128 × 64 with 8 warps, bytes 567.4
-    at 64 × 128; 8 tokens 47.2 against 52.0 on bytes; MUL_MAT_ID at 16 tokens per expert, 256 tokens,
-    225.8 against 252.6, 64 tokens 154.4 against 166.1; results/bench/matvec.json, moe.json; earlier
-    sweep: results/bench/dot-tiles.json)."""
+    words 518.6 us at 64 × 64 in 2 splits against 586.5 on bytes, results/bench/matvec.json; words
+    642.7 at 64 × 128 and 592.2 at 128 × 64 with 8 warps against 522.9 at 64 × 64 unsplit, bytes 567.4
+    at 64 × 128, results/bench/dot-words-h100-first-run.json; 8 tokens 47.1 against 52.0 on bytes;
+    MUL_MAT_ID at 16 tokens per expert, 256 tokens, 222.6 against 252.0, moe.json; earlier sweep:
+    results/bench/dot-tiles.json)."""
     waves = WAVES
     if n_tokens <= 1:
         integer = act not in FLOAT_ACTS
