@@ -115,6 +115,18 @@ def test_q6_k_words_in_odd_super_blocks(cols, act, cfg):
     _assert_close(y, _ref(w, x, act=act), w, x)
 
 
+@pytest.mark.parametrize("fmt", ["q4_k", "q6_k", "q8_0"])
+def test_prefetch_of_several_chunks(fmt):
+    """One token loading the next two chunks ahead (prefetch with unroll=2) over a column split of four
+    chunks: one loop iteration and the last two chunks peeled."""
+    cfg = qm.Config(rows=16, tokens=1, ksplit=2, unroll=2, prefetch=True)
+    rng = _rng("prefetch-unrolled", fmt)
+    w = _weights(rng, fmt, (16, 2048))
+    x = jnp.asarray(rng.standard_normal((1, 2048)) * 3, jnp.float32)
+    y = jax.jit(functools.partial(kernels.qmatvec_fast, act="q8_1", config=cfg, interpret=True))(w, x)
+    _assert_close(y, _ref(w, x, act="q8_1"), w, x)
+
+
 @pytest.mark.parametrize("fmt", ["q4_k", "q5_k"])
 def test_dot_word_groups_are_the_codecs_fields(fmt):
     """The dot tiles' word decoders give, for every group of a chunk, the codec's codes, 6-bit scale and
@@ -268,8 +280,6 @@ def test_errors_name_the_bad_value():
         qm.Config(rows=12).check()
     with pytest.raises(ValueError, match="dot"):
         qm.Config(dot="tf32").check()
-    with pytest.raises(ValueError, match="prefetch.*unroll=2"):
-        qm.Config(prefetch=True, unroll=2).check()
     assert not kernels.applies(QTensor.from_float(jnp.ones((4, 32)), "q8_0"), "f32", "f32")  # cols % 256
     assert not kernels.applies(w, "f32", "f64")
     experts = _weights(_rng("err-experts"), "q4_k", (4, 16, 256))

@@ -114,9 +114,10 @@ class Sweep(mv.Sweep):
         self.log(f"{self.case.name}: {cfg} -> {mv._brief(e)}")
 
 
-def ffn_sweep(n: int, act: str, cfg: qm.Config, key, repeats: int, deadline: float, log=print) -> dict:
-    """The whole layer (gate, up: q4_k; down: q6_k, as Q4_K_M's ffn_down_exps) for n tokens."""
-    out = {"n": n, "act": act, "config": mv.config_dict(cfg)}
+def ffn_sweep(n: int, act: str, cfg: qm.Config | None, key, repeats: int, deadline: float, log=print) -> dict:
+    """The whole layer (gate, up: q4_k; down: q6_k, as Q4_K_M's ffn_down_exps) for n tokens, every
+    projection in cfg or (None) in numlab.kernels.tuning's config for it."""
+    out = {"n": n, "act": act, "config": mv.config_dict(cfg) if cfg else "tuned"}
     if time.perf_counter() > deadline:
         out["skipped_for_time"] = True
         return out
@@ -139,8 +140,8 @@ def ffn_sweep(n: int, act: str, cfg: qm.Config, key, repeats: int, deadline: flo
 def default_cases():
     """(case, configs): the MUL_MAT_ID rows of issue 7 and the Q6_K ffn_down of Qwen3-30B-A3B's Q4_K_M
     (768 columns: odd super-blocks per row), each led by the tuned config (matvec.tuned_first)."""
-    one = [mv.tiling(16, ksplit=4), mv.tiling(16, ksplit=2), mv.tiling(32, ksplit=2, warps=8),
-           mv.tiling(8, ksplit=4)]
+    one = [mv.tiling(16, ksplit=4, prefetch=True), mv.tiling(16, ksplit=2, unroll=2, prefetch=True),
+           mv.tiling(16, ksplit=4), mv.tiling(32, ksplit=2, warps=8)]
     few_int = [mv.tiling(32, tokens=4, ksplit=4), mv.tiling(32, tokens=4, ksplit=2), mv.tiling(32, tokens=8, ksplit=2),
                mv.tiling(64, tokens=16), mv.tiling(16, tokens=4, ksplit=4)]
     many_int = [mv.tiling(64, tokens=16, prefetch=True), mv.tiling(64, tokens=32),
@@ -166,9 +167,8 @@ def run(cases=None, repeats: int = 10, budget_s: float = 90.0, seed: int = 0, co
     sweeps = [Sweep(c, cfgs, jax.random.PRNGKey(seed * 1000 + i), repeats, copy_bw, log)
               for i, (c, cfgs) in enumerate(cases or default_cases())]
     results = mv.run_sweeps(sweeps, start + 0.8 * budget_s)
-    ffn = [ffn_sweep(n, act, cfg, jax.random.PRNGKey(seed * 1000 + 500 + n), repeats, start + budget_s - 15, log)
-           for n, act, cfg in ((1, "q8_1", mv.tiling(16, ksplit=4)), (64, "q8_1", mv.tiling(32, tokens=4, ksplit=2)),
-                               (256, "q8_1", mv.tiling(64, tokens=16)))] if cases is None else []
+    ffn = [ffn_sweep(n, "q8_1", None, jax.random.PRNGKey(seed * 1000 + 500 + n), repeats, start + budget_s - 15, log)
+           for n in (1, 64, 256)] if cases is None else []
     return {"device": dev.device_kind, "platform": dev.platform, "jax_version": jax.__version__,
             "copy_bandwidth_bytes_per_s": copy_bw, "repeats": repeats, "check_rtol": mv.CHECK_RTOL,
             "notes": __doc__ + " Bandwidth figures count the bytes of the experts a call touches and "

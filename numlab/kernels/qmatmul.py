@@ -56,9 +56,8 @@ class Config:
     aligned q6_k and q8_0, 1 otherwise); words: fewer than 16 tokens in an integer mode read 32-bit
     words and use byte dot products (uses_words), else bytes and float multiply-adds; 16 or more on
     q4_k / q5_k: the dot tiles read the weights as words (dot_words), else bytes; prefetch: those word
-    kernels load chunk c + 1 before the arithmetic of chunk c (one chunk per iteration, unroll must be
-    1); x_kernel: q8_1 / q8_0 activations quantized by one Pallas kernel (numlab.kernels.quantize_x),
-    else by XLA (prepare)."""
+    kernels load the next `unroll` chunks before the arithmetic of the current ones; x_kernel: q8_1 /
+    q8_0 activations quantized by one Pallas kernel (numlab.kernels.quantize_x), else by XLA (prepare)."""
 
     rows: int = 16
     tokens: int = 1
@@ -84,8 +83,6 @@ class Config:
             raise ValueError(f"Config.dot={self.dot!r}; valid: {', '.join(DOTS)}")
         if min(self.ksplit, self.unroll, self.num_warps, self.num_stages) < 1:
             raise ValueError(f"Config {self}: ksplit, unroll, num_warps, num_stages must be >= 1")
-        if self.prefetch and self.unroll > 1:
-            raise ValueError(f"Config.prefetch=True loads one chunk ahead: unroll={self.unroll} must be 1")
         if self.lane_runs not in (0, 1, 16):
             raise ValueError(f"Config.lane_runs={self.lane_runs}; valid: 0 (by format), 1, 16")
         return self
@@ -273,13 +270,23 @@ def _kernel(te_ref, w_ref, *refs, fmt, act, cfg, interpret, cols, row_bytes, exp
         if words or dot_words(fmt, act, cfg):
             load, compute, acc, store = (_int_words(fmt, cfg, cols, act, interpret) if words
                                          else _int_dot_words(fmt, cfg, cols, act, n_x, x_refs, xrow))
-            if cfg.prefetch:                # chunk c + 1's loads are issued before chunk c's arithmetic
+            if cfg.prefetch:                # the next `unroll` chunks' loads before these chunks' arithmetic
+                def loads(it):
+                    return tuple(load(w_ref, x_refs, *chunk(first + it * cfg.unroll + u), xrow)
+                                 for u in range(cfg.unroll))
+
+                def computed(acc, loaded):
+                    for one in loaded:
+                        acc = compute(one, acc)
+                    return acc
+
                 def ahead(it, carry):
                     acc, loaded = carry
-                    return compute(loaded, acc), load(w_ref, x_refs, *chunk(first + it + 1), xrow)
+                    following = loads(it + 1)
+                    return computed(acc, loaded), following
 
-                acc, loaded = lax.fori_loop(0, steps - 1, ahead, (acc, load(w_ref, x_refs, *chunk(first), xrow)))
-                store(o_ref, compute(loaded, acc))
+                acc, loaded = lax.fori_loop(0, steps // cfg.unroll - 1, ahead, (acc, loads(0)))
+                store(o_ref, computed(acc, loaded))
                 return
 
             def step(w_ref, x_refs, b, c, xrow, acc):

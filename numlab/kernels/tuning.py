@@ -13,7 +13,7 @@ from numlab.kernels.layouts import DOT_WORD_FORMATS, WORD_FORMATS
 from numlab.kernels.qmatmul import CHUNK, FLOAT_ACTS, MIN_DOT, Config
 
 SMS = 132          # H100 SXM multiprocessors
-WAVES = 4          # programs per multiprocessor to aim for (8 for one token: 4-warp programs)
+WAVES = 4          # programs per multiprocessor to aim for (8 for one token in float modes)
 
 
 def _pow2_at_least(n: int) -> int:
@@ -30,10 +30,10 @@ def config_for(fmt: str, act: str, n_tokens: int, rows: int | None = None, cols:
     8 per expert, the 128-token prefill, the dot tiles were faster: 0.148 s against 0.161 s); q4_k and
     q5_k across several matrices up to 3 (their word dot tiles at a mean 4 per expert, whose counts
     spread over several 4-token tiles: 154.0 us against 165.6; at 3 per expert 151.9 against 144.1;
-    one matrix at 4 tokens 47.2 against 41.8, results/bench/four-tokens-h100.json). One token
-    loads a chunk ahead on q4_k, q5_k and q6_k, not q8_0 (results/bench/matvec.json, moe.json, per
-    product: q4_k 4096×14336 20.7 against 24.2 us, q6_k 29.5 against 37.3, the Q6_K lm_head 123.9
-    against 136.7, MUL_MAT_ID q6_k 11.1 against 11.5; q8_0 within 0.6 us either way in three runs).
+    one matrix at 4 tokens 47.2 against 41.8, results/bench/four-tokens-h100.json). One token,
+    integer modes: every format loads the next two chunks ahead (unroll 2), in the column splits of
+    _one_token_ksplit (results/bench/prefetch-unrolled-h100.json; one chunk ahead had beaten none on
+    q4_k 4096×14336, 20.7 against 24.2 us, and q6_k, 29.5 against 37.3, results/bench/matvec.json).
     Float modes at 2 to 8 tokens: 16 rows, 4 warps (q4_k 4096×14336 at 8 tokens: 105.3 us against 263.8
     with 32 rows and 8 warps; MUL_MAT_ID at 4 per expert 293.3 against 647.5). Integer dot tiles: 64
     rows, 4 warps, up to 64 tokens, q4_k / q5_k weights read as words (qmatmul.dot_words), column
@@ -46,8 +46,8 @@ def config_for(fmt: str, act: str, n_tokens: int, rows: int | None = None, cols:
     waves = WAVES
     if n_tokens <= 1:
         integer = act not in FLOAT_ACTS
-        cfg = Config(rows=16 if integer else 32, tokens=1, num_warps=4,
-                     prefetch=integer and fmt in ("q4_k", "q5_k", "q6_k"))
+        cfg = Config(rows=16 if integer else 32, tokens=1, num_warps=4, unroll=2 if integer else 1,
+                     prefetch=integer)
         waves = 2 * WAVES
     elif act in FLOAT_ACTS and n_tokens <= 8:
         cfg = Config(rows=16, tokens=_pow2_at_least(n_tokens), num_warps=4)
@@ -62,22 +62,24 @@ def config_for(fmt: str, act: str, n_tokens: int, rows: int | None = None, cols:
     programs = max(1, rows // cfg.rows) * max(1, -(-n_tokens // cfg.tokens))
     chunks = cols // CHUNK
     if n_tokens <= 1 and act not in FLOAT_ACTS:
-        return dataclasses.replace(cfg, ksplit=_one_token_ksplit(programs * matrices, chunks, SMS * waves))
+        return dataclasses.replace(cfg, ksplit=_one_token_ksplit(programs * matrices, chunks))
     if cfg.tokens >= MIN_DOT and act not in FLOAT_ACTS:
         programs *= matrices
     return dataclasses.replace(cfg, ksplit=max(1, min(chunks // 2, -(-SMS * waves // programs))))
 
 
-def _one_token_ksplit(programs: int, chunks: int, slots: int) -> int:
-    """Column splits at one token, integer modes: 1 where the programs fill at least half the `slots`
-    (8 per multiprocessor), else the fewest that divide the row's chunks and fill them all. On the H100
-    (results/bench/matvec.json, moe.json, one timing each, prefetching kernels): q6_k 4096×14336 at 7
-    splits 29.5 us against 31.6 at 4 (q4_k 20.7 against 20.4, q8_0 32.3 against 33.1); rows of 2048
-    columns at 8 splits, one chunk each: 4096 rows 7.2 against 7.7 at 4, 512 rows 4.3 against 4.7
-    (q6_k 4.8 against 5.2); MUL_MAT_ID q4_k (8 experts × 48 programs) at 4, 8.7 against 9.0 at 2
-    without prefetching; the Q6_K lm_head and the 2048×768 experts (8 × 128 programs) fastest at 1."""
-    target = slots / programs
-    if target < 2:
+def _one_token_ksplit(programs: int, chunks: int) -> int:
+    """Column splits at one token, integer modes (two chunks loaded ahead): the fewest that divide the
+    row's chunks and give 3 programs per multiprocessor on rows of 32 chunks or more, half a program on
+    shorter rows (there the split sum's launch costs more than the splits gain). On the H100
+    (results/bench/prefetch-unrolled-h100.json, one timing each, whole product): 4096×14336 at 2 splits
+    q4_k 19.3 us against 23.1 unsplit and 20.8 at 7 splits loading one chunk ahead (the earlier tuning),
+    q8_0 30.3 against 38.5 and 32.0, q6_k 28.1 against 29.1 and 27.2 (26.4 unsplit loading four ahead);
+    rows of 2048 columns unsplit: 4096 rows 6.3 against 8.0 at 2 splits and 7.0 at 8, MUL_MAT_ID q4_k
+    6.7 against 8.2 and 8.5 at 4, q6_k 8.2 against 11.9 and 11.3; the Q6_K lm_head 107.9 against 114.4
+    one chunk ahead."""
+    target = (3 * SMS if chunks >= 32 else SMS / 2) / programs
+    if target <= 1:
         return 1
     return next((d for d in range(1, chunks + 1) if chunks % d == 0 and d >= target), chunks)
 
