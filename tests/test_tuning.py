@@ -1,6 +1,6 @@
 """numlab.kernels.tuning: every config it picks is valid and fits its problem; the one-token column
-splits follow the rule its docstring states (the fewest splits dividing the row's chunks that give 3
-programs per multiprocessor on long rows, half a program on rows of fewer than 32 chunks)."""
+splits follow the rule its docstring states (the fewest splits dividing the row's chunks that give 6
+chunks in flight per multiprocessor on long rows, one on shorter rows)."""
 import itertools
 
 import pytest
@@ -27,16 +27,16 @@ def test_one_token_splits_fill_the_machine_with_the_fewest(fmt):
     for (rows, cols), matrices in itertools.product(SHAPES, (1, 8)):
         cfg = tuning.config_for(fmt, "q8_1", 1, rows, cols, matrices)
         programs, chunks = rows // cfg.rows * matrices, cols // CHUNK
-        slots = 3 * tuning.SMS if chunks >= 32 else tuning.SMS / 2
-        k = cfg.ksplit
-        assert chunks % k == 0 and cfg.prefetch and cfg.unroll == 2
-        assert programs * k >= slots or k == chunks
-        assert all(chunks % d or programs * d < slots for d in range(1, k))
+        slots = 6 * tuning.SMS if chunks >= tuning.LONG_ROW else tuning.SMS
+        k, u = cfg.ksplit, cfg.unroll
+        assert chunks % k == 0 and cfg.prefetch and u == (4 if fmt == "q6_k" and chunks >= tuning.LONG_ROW else 2)
+        assert programs * k * u >= slots or k == chunks
+        assert all(chunks % d or programs * d * u < slots for d in range(1, k))
 
 
 def test_measured_picks():
     """The H100 timings the rule was read from (tuning's docstrings) pick these splits."""
-    picks = {("q4_k", 4096, 14336, 1): 2, ("q6_k", 4096, 14336, 1): 2, ("q4_k", 4096, 2048, 1): 1,
+    picks = {("q4_k", 4096, 14336, 1): 2, ("q6_k", 4096, 14336, 1): 1, ("q8_0", 4096, 14336, 1): 2, ("q4_k", 4096, 2048, 1): 1,
              ("q4_k", 512, 2048, 1): 4, ("q6_k", 151936, 2048, 1): 1, ("q4_k", 768, 2048, 8): 1,
              ("q6_k", 2048, 768, 8): 1}
     got = {key: tuning.config_for(key[0], "q8_1", 1, key[1], key[2], key[3]).ksplit for key in picks}

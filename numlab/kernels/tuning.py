@@ -14,6 +14,7 @@ from numlab.kernels.qmatmul import CHUNK, FLOAT_ACTS, MIN_DOT, Config
 
 SMS = 132          # H100 SXM multiprocessors
 WAVES = 4          # programs per multiprocessor to aim for (8 for one token in float modes)
+LONG_ROW = 32      # chunks of 256 columns from which one token's column splits aim at steady streaming
 
 
 def _pow2_at_least(n: int) -> int:
@@ -31,8 +32,8 @@ def config_for(fmt: str, act: str, n_tokens: int, rows: int | None = None, cols:
     q5_k across several matrices up to 3 (their word dot tiles at a mean 4 per expert, whose counts
     spread over several 4-token tiles: 154.0 us against 165.6; at 3 per expert 151.9 against 144.1;
     one matrix at 4 tokens 47.2 against 41.8, results/bench/four-tokens-h100.json). One token,
-    integer modes: every format loads the next two chunks ahead (unroll 2), in the column splits of
-    _one_token_ksplit (results/bench/prefetch-unrolled-h100.json; one chunk ahead had beaten none on
+    integer modes: every format loads the next two chunks ahead (unroll 2; q6_k on long rows four), in the
+    column splits of _one_token_ksplit (results/bench/prefetch-unrolled-h100.json; one chunk ahead had beaten none on
     q4_k 4096×14336, 20.7 against 24.2 us, and q6_k, 29.5 against 37.3, results/bench/matvec.json).
     Float modes at 2 to 8 tokens: 16 rows, 4 warps (q4_k 4096×14336 at 8 tokens: 105.3 us against 263.8
     with 32 rows and 8 warps; MUL_MAT_ID at 4 per expert 293.3 against 647.5). Integer dot tiles: 64
@@ -62,23 +63,26 @@ def config_for(fmt: str, act: str, n_tokens: int, rows: int | None = None, cols:
     programs = max(1, rows // cfg.rows) * max(1, -(-n_tokens // cfg.tokens))
     chunks = cols // CHUNK
     if n_tokens <= 1 and act not in FLOAT_ACTS:
-        return dataclasses.replace(cfg, ksplit=_one_token_ksplit(programs * matrices, chunks))
+        unroll = 4 if fmt == "q6_k" and chunks >= LONG_ROW else cfg.unroll
+        return dataclasses.replace(cfg, unroll=unroll, ksplit=_one_token_ksplit(programs * matrices, chunks, unroll))
     if cfg.tokens >= MIN_DOT and act not in FLOAT_ACTS:
         programs *= matrices
     return dataclasses.replace(cfg, ksplit=max(1, min(chunks // 2, -(-SMS * waves // programs))))
 
 
-def _one_token_ksplit(programs: int, chunks: int) -> int:
-    """Column splits at one token, integer modes (two chunks loaded ahead): the fewest that divide the
-    row's chunks and give 3 programs per multiprocessor on rows of 32 chunks or more, half a program on
-    shorter rows (there the split sum's launch costs more than the splits gain). On the H100
-    (results/bench/prefetch-unrolled-h100.json, one timing each, whole product): 4096×14336 at 2 splits
-    q4_k 19.3 us against 23.1 unsplit and 20.8 at 7 splits loading one chunk ahead (the earlier tuning),
-    q8_0 30.3 against 38.5 and 32.0, q6_k 28.1 against 29.1 and 27.2 (26.4 unsplit loading four ahead);
-    rows of 2048 columns unsplit: 4096 rows 6.3 against 8.0 at 2 splits and 7.0 at 8, MUL_MAT_ID q4_k
-    6.7 against 8.2 and 8.5 at 4, q6_k 8.2 against 11.9 and 11.3; the Q6_K lm_head 107.9 against 114.4
-    one chunk ahead."""
-    target = (3 * SMS if chunks >= 32 else SMS / 2) / programs
+def _one_token_ksplit(programs: int, chunks: int, unroll: int) -> int:
+    """Column splits at one token, integer modes (`unroll` chunks loaded ahead): the fewest that divide
+    the row's chunks and give 6 chunks in flight per multiprocessor (programs · splits · unroll) on rows
+    of LONG_ROW chunks or more, one on shorter rows (there the split sum's launch costs more than the
+    splits gain). On the H100 (whole product, results/bench/prefetch-unrolled-h100.json, then
+    matvec.json / moe.json of the next call): 4096×14336 at 2 splits two chunks ahead q4_k 19.3 / 19.4 us
+    against 23.1 unsplit and 20.8 at 7 splits one chunk ahead (the earlier tuning), 19.9 / 20.0 unsplit
+    four ahead; q8_0 30.3 / 30.3 against 38.5, 32.0 and 32.2 / 32.0; q6_k unsplit four ahead 26.4 / 26.3
+    against 28.1 / 28.2 at 2 splits two ahead and 27.2 at 7 one ahead; rows of 2048 columns unsplit two
+    ahead: 4096 rows 6.3 / 6.3 against 8.0 / 8.1 at 2 splits and 7.0 / 7.1 at 8 one ahead, MUL_MAT_ID
+    q4_k 6.7 / 6.7 against 8.5 at 4 one ahead, q6_k 8.2 / 8.3 against 11.3, the Q6_K lm_head 107.9 /
+    107.6 against 114.4 one ahead and 143.3 four ahead."""
+    target = (6 * SMS if chunks >= LONG_ROW else SMS) / (programs * unroll)
     if target <= 1:
         return 1
     return next((d for d in range(1, chunks + 1) if chunks % d == 0 and d >= target), chunks)
