@@ -33,8 +33,9 @@ def config_for(fmt: str, act: str, n_tokens: int, rows: int | None = None, cols:
     spread over several 4-token tiles: 154.0 us against 165.6; at 3 per expert 151.9 against 144.1;
     one matrix at 4 tokens 47.2 against 41.8, results/bench/four-tokens-h100.json). One token,
     integer modes: every format loads the next two chunks ahead (unroll 2; q6_k on long rows four), in the
-    column splits of _one_token_ksplit (results/bench/prefetch-unrolled-h100.json; one chunk ahead had beaten none on
-    q4_k 4096×14336, 20.7 against 24.2 us, and q6_k, 29.5 against 37.3, results/bench/matvec.json).
+    column splits of _one_token_ksplit (results/bench/prefetch-unrolled-h100.json; against no loads ahead
+    in the same tiling, results/bench/matvec.json: q4_k 4096×14336 19.4 against 27.1 us, q6_k 26.4
+    against 58.0, q8_0 30.4 against 60.6).
     Float modes at 2 to 8 tokens: 16 rows, 4 warps (q4_k 4096×14336 at 8 tokens: 105.3 us against 263.8
     with 32 rows and 8 warps; MUL_MAT_ID at 4 per expert 293.3 against 647.5). Integer dot tiles: 64
     rows, 4 warps, up to 64 tokens, q4_k / q5_k weights read as words (qmatmul.dot_words), column
@@ -75,7 +76,7 @@ def _one_token_ksplit(programs: int, chunks: int, unroll: int) -> int:
     the row's chunks and give 6 chunks in flight per multiprocessor (programs · splits · unroll) on rows
     of LONG_ROW chunks or more, one on shorter rows (there the split sum's launch costs more than the
     splits gain). On the H100 (whole product, results/bench/prefetch-unrolled-h100.json, then
-    matvec.json / moe.json of the next call): 4096×14336 at 2 splits two chunks ahead q4_k 19.3 / 19.4 us
+    prefetch-unrolled-second-h100.json): 4096×14336 at 2 splits two chunks ahead q4_k 19.3 / 19.4 us
     against 23.1 unsplit and 20.8 at 7 splits one chunk ahead (the earlier tuning), 19.9 / 20.0 unsplit
     four ahead; q8_0 30.3 / 30.3 against 38.5, 32.0 and 32.2 / 32.0; q6_k unsplit four ahead 26.4 / 26.3
     against 28.1 / 28.2 at 2 splits two ahead and 27.2 at 7 one ahead; rows of 2048 columns unsplit two
