@@ -58,12 +58,14 @@ FMTS = ("q4_k", "q5_k", "q6_k", "q8_0")
 # (fmt, act, tokens, Config): each format through one token (float and integer paths), integer dot
 # tiles (q8_1 on every format, the CPU integer mode on three) and several tokens in its CPU integer
 # mode; float dot tiles and bf16 multi-token tiles on two formats each; column splits and unrolling on
-# the way. Integer modes below 16 tokens read 32-bit words with byte dot products; the byte path they
+# the way (one token in float modes also one value run per lane on q6_k / q8_0, as tuning picks).
+# Integer modes below 16 tokens read 32-bit words with byte dot products; the byte path they
 # replace (words=False) is checked on q4_k, q6_k and q8_0, loading a chunk ahead (prefetch) on every
 # format; q8_1 / q8_0 activations quantized by XLA (x_kernel=False) rather than quantize_x's kernel on two.
 # Dot tiles read q4_k / q5_k as words (q8_1: the min term in one dot); their byte path on both, in both
 # modes, and their words a chunk ahead.
 CASES = ([(f, "f32", 1, qm.Config(rows=8, tokens=1, ksplit=2)) for f in FMTS]
+         + [(f, "f32", 1, qm.Config(rows=16, tokens=1, lane_runs=1)) for f in ("q6_k", "q8_0")]
          + [(f, "q8_1", 1, qm.Config(rows=16, tokens=1, unroll=2)) for f in FMTS]
          + [(f, "q8_1", 17, qm.Config(rows=16, tokens=16, ksplit=2)) for f in FMTS]
          + [(f, INT_ACT[f], 17, qm.Config(rows=16, tokens=16)) for f in ("q4_k", "q6_k", "q8_0")]
@@ -86,7 +88,7 @@ CASES = ([(f, "f32", 1, qm.Config(rows=8, tokens=1, ksplit=2)) for f in FMTS]
 
 def _case_id(fmt, act, n, cfg):
     return (f"{fmt}-{act}-{n}" + ("" if cfg.words else "-bytes") + ("-prefetch" if cfg.prefetch else "")
-            + ("" if cfg.x_kernel else "-xla-quantized"))
+            + ("" if cfg.x_kernel else "-xla-quantized") + ("-lanes1" if cfg.lane_runs == 1 else ""))
 
 
 @pytest.mark.parametrize("fmt,act,n,cfg", CASES, ids=[_case_id(*case) for case in CASES])

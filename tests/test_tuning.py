@@ -60,3 +60,4 @@ def test_measured_dot_tiles():
     assert fitted("q4_k", "q8_1", 3, 768, 2048, 128)[:2] == (32, 4)
     assert fitted("q4_k", "q8_1", 4, 4096, 14336)[:2] == (32, 4)
     assert fitted("q6_k", "q8_1", 4, 768, 2048, 128)[:2] == (32, 4)
+    assert all(tuning.config_for(f, "f32", 1, 4096, 14336).lane_runs == 1 for f in ("q6_k", "q8_0"))

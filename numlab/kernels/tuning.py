@@ -36,20 +36,22 @@ def config_for(fmt: str, act: str, n_tokens: int, rows: int | None = None, cols:
     column splits of _one_token_ksplit (results/bench/prefetch-unrolled-h100.json; against no loads ahead
     in the same tiling, results/bench/matvec.json: q4_k 4096×14336 19.4 against 27.1 us, q6_k 26.4
     against 58.0, q8_0 30.4 against 60.6).
-    Float modes at 2 to 8 tokens: 16 rows, 4 warps (q4_k 4096×14336 at 8 tokens: 105.3 us against 263.8
-    with 32 rows and 8 warps; MUL_MAT_ID at 4 per expert 293.3 against 647.5). Integer dot tiles: 64
-    rows, 4 warps, up to 64 tokens, q4_k / q5_k weights read as words (qmatmul.dot_words), column
-    splits counting a MoE launch's matrices (q4_k · q8_1 4096×14336 at 512 tokens, whole product:
-    words 518.6 us at 64 × 64 in 2 splits against 586.5 on bytes, results/bench/matvec.json; words
-    642.7 at 64 × 128 and 592.2 at 128 × 64 with 8 warps against 522.9 at 64 × 64 unsplit, bytes 567.4
-    at 64 × 128, results/bench/dot-words-h100-first-run.json; 8 tokens 47.1 against 52.0 on bytes;
-    MUL_MAT_ID at 16 tokens per expert, 256 tokens, 222.6 against 252.0, moe.json; earlier sweep:
-    results/bench/dot-tiles.json)."""
+    Float modes at one token: one value run per lane on every format (results/bench/float-lanes-h100.json:
+    q8_0 4096×14336 44.3 us against 62.7 with 16 runs, 4096×2048 10.2 against 13.8; q6_k 49.0 against
+    50.6, the Q6_K lm_head 221.4 against 226.2). Float modes at 2 to 8 tokens: 16 rows, 4 warps (q4_k
+    4096×14336 at 8 tokens: 105.3 us against 263.8 with 32 rows and 8 warps; MUL_MAT_ID at 4 per expert
+    293.3 against 647.5). Integer dot tiles: 64 rows, 4 warps, up to 64 tokens, q4_k / q5_k weights read
+    as words (qmatmul.dot_words), column splits counting a MoE launch's matrices (q4_k · q8_1 4096×14336
+    at 512 tokens, whole product: words 518.6 us at 64 × 64 in 2 splits against 586.5 on bytes,
+    results/bench/matvec.json as of commit 101e0dd; words 642.7 at 64 × 128 and 592.2 at 128 × 64 with 8
+    warps against 522.9 at 64 × 64 unsplit, bytes 567.4 at 64 × 128,
+    results/bench/dot-words-h100-first-run.json; 8 tokens 47.1 against 52.0 on bytes; MUL_MAT_ID at 16 tokens per expert, 256 tokens, 222.6
+    against 252.0, moe.json of 101e0dd; earlier sweep: results/bench/dot-tiles.json)."""
     waves = WAVES
     if n_tokens <= 1:
         integer = act not in FLOAT_ACTS
         cfg = Config(rows=16 if integer else 32, tokens=1, num_warps=4, unroll=2 if integer else 1,
-                     prefetch=integer)
+                     prefetch=integer, lane_runs=0 if integer else 1)
         waves = 2 * WAVES
     elif act in FLOAT_ACTS and n_tokens <= 8:
         cfg = Config(rows=16, tokens=_pow2_at_least(n_tokens), num_warps=4)
