@@ -406,8 +406,9 @@ def check_all(key, deadline: float, log=print) -> list:
     17 tokens; bf16 and f16, which differ from f32 only in x's rounding before the kernel, on q4_k;
     q6_k's integer word kernels also on 768 columns, odd super-blocks per row; q4_k's and q5_k's dot
     tiles also reading bytes and loading a chunk ahead, one token unsplit (two chunks ahead through the
-    loop, not only its peeled end), the overrides recorded: "words": False, "prefetch": True, "ksplit": 1) against the reference on fresh random inputs, small shapes: [{fmt, act, n, cols,
-    max_err_over_scale, ok}]."""
+    loop, not only its peeled end), the overrides recorded: "words": False, "prefetch": True, "ksplit": 1)
+    against the reference on fresh random inputs, small shapes: [{fmt, act, n, cols, max_err_over_scale,
+    ok}]."""
     from numlab.kernels import tuning
     out = []
     cpu_int = {"q4_k": "q8_k", "q5_k": "q8_k", "q6_k": "q8_k", "q8_0": "q8_0"}

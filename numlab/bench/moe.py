@@ -50,10 +50,10 @@ CHECK_TOKENS = 16       # the check compares the first tokens only (the referenc
 REFERENCE_MAX_N = 64    # the plain-XLA reference is timed up to this many tokens (its gathered weights grow with n)
 
 
-def ffn_product(act: str, cfg: qm.Config):
-    """jit (gate, up, down, x, idx, weights) -> moe_ffn."""
+def ffn_product(act: str):
+    """jit (gate, up, down, x, idx, weights) -> moe_ffn in the tuned configs."""
     interpret = jax.default_backend() == "cpu"
-    return jax.jit(lambda g, u, d, x, idx, w: moe.moe_ffn(x, idx, w, g, u, d, act, config=cfg, interpret=interpret))
+    return jax.jit(lambda g, u, d, x, idx, w: moe.moe_ffn(x, idx, w, g, u, d, act, interpret=interpret))
 
 
 def measure(case: mv.Case, fn, w: QTensor, xs, idxs, calls: int, repeats: int, copy_bw: float,
@@ -114,10 +114,10 @@ class Sweep(mv.Sweep):
         self.log(f"{self.case.name}: {cfg} -> {mv._brief(e)}")
 
 
-def ffn_sweep(n: int, act: str, cfg: qm.Config | None, key, repeats: int, deadline: float, log=print) -> dict:
-    """The whole layer (gate, up: q4_k; down: q6_k, as Q4_K_M's ffn_down_exps) for n tokens, every
-    projection in cfg or (None) in numlab.kernels.tuning's config for it."""
-    out = {"n": n, "act": act, "config": mv.config_dict(cfg) if cfg else "tuned"}
+def ffn_sweep(n: int, act: str, key, repeats: int, deadline: float, log=print) -> dict:
+    """The whole layer (gate, up: q4_k; down: q6_k, as Q4_K_M's ffn_down_exps) for n tokens, each
+    projection in numlab.kernels.tuning's config for it."""
+    out = {"n": n, "act": act, "config": "tuned"}
     if time.perf_counter() > deadline:
         out["skipped_for_time"] = True
         return out
@@ -129,7 +129,7 @@ def ffn_sweep(n: int, act: str, cfg: qm.Config | None, key, repeats: int, deadli
         x = jax.random.normal(kx, (n, D_MODEL), jnp.float32)
         wts = jnp.full((n, TOP_K), 1.0 / TOP_K, jnp.float32)
         args = [(gate, up, down, x, routes(jax.random.fold_in(ki, i), n, N_EXPERTS), wts) for i in range(8)]
-        t = mv.time_calls(ffn_product(act, cfg), args, 8, repeats)
+        t = mv.time_calls(ffn_product(act), args, 8, repeats)
         out.update({"device_us": t["device_s"] and t["device_s"] * 1e6, "wall_us": t["wall_s"] * 1e6})
     except Exception as e:  # recorded, the run goes on
         out["error"] = f"{type(e).__name__}: {e}"[:2000]
@@ -167,7 +167,7 @@ def run(cases=None, repeats: int = 10, budget_s: float = 90.0, seed: int = 0, co
     sweeps = [Sweep(c, cfgs, jax.random.PRNGKey(seed * 1000 + i), repeats, copy_bw, log)
               for i, (c, cfgs) in enumerate(cases or default_cases())]
     results = mv.run_sweeps(sweeps, start + 0.8 * budget_s)
-    ffn = [ffn_sweep(n, "q8_1", None, jax.random.PRNGKey(seed * 1000 + 500 + n), repeats, start + budget_s - 15, log)
+    ffn = [ffn_sweep(n, "q8_1", jax.random.PRNGKey(seed * 1000 + 500 + n), repeats, start + budget_s - 15, log)
            for n in (1, 64, 256)] if cases is None else []
     return {"device": dev.device_kind, "platform": dev.platform, "jax_version": jax.__version__,
             "copy_bandwidth_bytes_per_s": copy_bw, "repeats": repeats, "check_rtol": mv.CHECK_RTOL,

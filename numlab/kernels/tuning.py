@@ -45,8 +45,9 @@ def config_for(fmt: str, act: str, n_tokens: int, rows: int | None = None, cols:
     at 512 tokens, whole product: words 518.6 us at 64 × 64 in 2 splits against 586.5 on bytes,
     results/bench/matvec.json as of commit 101e0dd; words 642.7 at 64 × 128 and 592.2 at 128 × 64 with 8
     warps against 522.9 at 64 × 64 unsplit, bytes 567.4 at 64 × 128,
-    results/bench/dot-words-h100-first-run.json; 8 tokens 47.1 against 52.0 on bytes; MUL_MAT_ID at 16 tokens per expert, 256 tokens, 222.6
-    against 252.0, moe.json of 101e0dd; earlier sweep: results/bench/dot-tiles.json)."""
+    results/bench/dot-words-h100-first-run.json; 8 tokens 47.1 against 52.0 on bytes; MUL_MAT_ID at 16
+    tokens per expert, 256 tokens, 222.6 against 252.0, moe.json of 101e0dd; earlier sweep:
+    results/bench/dot-tiles.json)."""
     waves = WAVES
     if n_tokens <= 1:
         integer = act not in FLOAT_ACTS
