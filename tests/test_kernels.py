@@ -1,6 +1,7 @@
 """Pallas kernels (CPU interpreter) against numlab.ops.qmatvec on fresh random inputs: every format,
 activation mode and code path (one token, few tokens, dot tiles; column splits, unrolling, stacked
 experts), derivatives, the grouped MoE layer against its dense per-pair reference, and bad input."""
+import dataclasses
 import functools
 import re
 
@@ -88,7 +89,8 @@ CASES = ([(f, "f32", 1, qm.Config(rows=8, tokens=1, ksplit=2)) for f in FMTS]
 
 def _case_id(fmt, act, n, cfg):
     return (f"{fmt}-{act}-{n}" + ("" if cfg.words else "-bytes") + ("-prefetch" if cfg.prefetch else "")
-            + ("" if cfg.x_kernel else "-xla-quantized") + ("-lanes1" if cfg.lane_runs == 1 else ""))
+            + ("" if cfg.x_kernel else "-xla-quantized") + ("-lanes1" if cfg.lane_runs == 1 else "")
+            + (f"-ksplit{cfg.ksplit}" if cfg.ksplit > 1 else ""))
 
 
 @pytest.mark.parametrize("fmt,act,n,cfg", CASES, ids=[_case_id(*case) for case in CASES])
@@ -127,6 +129,50 @@ def test_prefetch_of_several_chunks(fmt):
     x = jnp.asarray(rng.standard_normal((1, 2048)) * 3, jnp.float32)
     y = jax.jit(functools.partial(kernels.qmatvec_fast, act="q8_1", config=cfg, interpret=True))(w, x)
     _assert_close(y, _ref(w, x, act="q8_1"), w, x)
+
+
+ATOMIC_CASES = [("q4_k", "q8_1", 1, qm.Config(rows=16, ksplit=2, unroll=2, prefetch=True)),
+                ("q8_0", "q8_1", 1, qm.Config(rows=16, ksplit=2, unroll=2, prefetch=True)),
+                ("q6_k", "q8_k", 1, qm.Config(rows=16, ksplit=2)),
+                ("q4_k", "f32", 1, qm.Config(rows=32, ksplit=2, lane_runs=1)),
+                ("q5_k", "q8_1", 3, qm.Config(rows=16, tokens=4, ksplit=2)),
+                ("q4_k", "q8_1", 17, qm.Config(rows=16, tokens=16, ksplit=2))]
+
+
+@pytest.mark.parametrize("fmt,act,n,cfg", ATOMIC_CASES, ids=[_case_id(*case) for case in ATOMIC_CASES])
+def test_atomic_split_sums_are_the_split_sums_bit_for_bit(fmt, act, n, cfg):
+    """Two column splits adding into zeros (Config.atomic) give the bits of the split sum after the kernel
+    (0 + a + b = a + b in either order), through the word, multiply-add and dot-tile paths; the zeros come
+    from quantize_x's launch for q8_1 (no other launch in the lowered product) and from XLA otherwise."""
+    rng = _rng("atomic", fmt, act, n)
+    w = _weights(rng, fmt, (32, 1024))
+    x = jnp.asarray(rng.standard_normal((n, 1024)) * 3, jnp.float32)
+    run = lambda c: jax.jit(functools.partial(kernels.qmatvec_fast, act=act, config=c, interpret=True))  # noqa: E731
+    atomic = dataclasses.replace(cfg, atomic=True)
+    y = run(atomic)(w, x)
+    np.testing.assert_array_equal(np.asarray(y).view(np.uint32), np.asarray(run(cfg)(w, x)).view(np.uint32))
+    _assert_close(y, _ref(w, x, act=act), w, x)
+    lowered = jax.jit(functools.partial(kernels.qmatvec_fast, act=act, config=atomic)).trace(w, x).lower(
+        lowering_platforms=("cuda",)).as_text()
+    assert "output_operand_alias" in lowered
+    if act == "q8_1":
+        ops_ = re.findall(r"= stablehlo\.(\w+)", lowered)
+        assert ops_.count("custom_call") == 2 and "reduce" not in ops_ and "add" not in ops_, sorted(set(ops_))
+
+
+def test_atomic_experts_leave_skipped_tiles_zero():
+    """The grouped kernel with atomic split sums: the pairs' outputs as without, bit for bit (tiles of
+    16 rows, most rows padding)."""
+    rng = _rng("atomic-experts")
+    experts = _weights(rng, "q4_k", (4, 16, 512))
+    x = jnp.asarray(rng.standard_normal((3, 512)), jnp.float32)
+    expert = jnp.asarray([2, 0, 2], jnp.int32)
+    cfg = qm.Config(rows=16, tokens=16, ksplit=2)
+    run = lambda c: jax.jit(functools.partial(kernels.expert_qmatvec_fast, act="q8_1", config=c,  # noqa: E731
+                                              interpret=True))(experts, x, expert)
+    y = run(dataclasses.replace(cfg, atomic=True))
+    chex.assert_shape(y, (3, 16))
+    np.testing.assert_array_equal(np.asarray(y).view(np.uint32), np.asarray(run(cfg)).view(np.uint32))
 
 
 @pytest.mark.parametrize("fmt", ["q4_k", "q5_k"])
@@ -282,6 +328,8 @@ def test_errors_name_the_bad_value():
         qm.Config(rows=12).check()
     with pytest.raises(ValueError, match="dot"):
         qm.Config(dot="tf32").check()
+    with pytest.raises(ValueError, match="atomic with ksplit=3"):
+        qm.Config(ksplit=3, atomic=True).check()
     assert not kernels.applies(QTensor.from_float(jnp.ones((4, 32)), "q8_0"), "f32", "f32")  # cols % 256
     assert not kernels.applies(w, "f32", "f64")
     experts = _weights(_rng("err-experts"), "q4_k", (4, 16, 256))

@@ -70,6 +70,18 @@ class TestEqualsPrepare(chex.TestCase):
         for g, w in zip(got, (want[0], want[1].T, want[2].T)):
             np.testing.assert_array_equal(_bits(g), _bits(w))
 
+    def test_zeros_beside_the_codes(self):
+        """zeros=n adds float32 [n] of zeros (fewer or more than the programs' lanes) and changes no bit
+        of the other outputs."""
+        x = _special_rows()
+        want = qx.q8_blocks(x, interpret=True)
+        for n in (1, 7, 96, 5000):
+            *got, z = jax.jit(functools.partial(qx.q8_blocks, interpret=True, zeros=n))(x)
+            chex.assert_shape(z, (n,))
+            np.testing.assert_array_equal(_bits(z), np.zeros(4 * n, np.uint8))
+            for g, w in zip(got, want):
+                np.testing.assert_array_equal(_bits(g), _bits(w))
+
     def test_ties_round_away_from_zero(self):
         x = _special_rows()
         q, d, _ = jax.jit(functools.partial(qx.q8_blocks, interpret=True))(x)
@@ -103,4 +115,6 @@ def test_errors_name_the_bad_value():
         qx.q8_blocks(jnp.ones((2, 33)))
     with pytest.raises(ValueError, match="per=3 .* 4 groups"):
         qx.q8_blocks(jnp.ones((1, 128)), per=3)
+    with pytest.raises(ValueError, match="zeros=-1"):
+        qx.q8_blocks(jnp.ones((1, 128)), zeros=-1)
     assert [qx.groups_per_program(c) for c in (32, 96, 256, 2048, 14336)] == [1, 1, 8, 16, 16]

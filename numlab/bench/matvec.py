@@ -300,10 +300,10 @@ def _brief(e: dict) -> str:
 
 
 def tiling(rows, tokens=1, ksplit=1, unroll=1, warps=4, stages=3, dot="f32", lane_runs=0, words=True,
-           prefetch=False):
+           prefetch=False, atomic=False):
     """A qmatmul.Config under the bench's short names (warps, stages)."""
     return qm.Config(rows=rows, tokens=tokens, ksplit=ksplit, unroll=unroll, num_warps=warps,
-                     num_stages=stages, dot=dot, lane_runs=lane_runs, words=words, prefetch=prefetch)
+                     num_stages=stages, dot=dot, lane_runs=lane_runs, words=words, prefetch=prefetch, atomic=atomic)
 
 
 # Variants, the expected best first (a run out of time keeps the first ones).

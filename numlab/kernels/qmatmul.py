@@ -57,7 +57,9 @@ class Config:
     words and use byte dot products (uses_words), else bytes and float multiply-adds; 16 or more on
     q4_k / q5_k: the dot tiles read the weights as words (dot_words), else bytes; prefetch: those word
     kernels load the next `unroll` chunks before the arithmetic of the current ones; x_kernel: q8_1 /
-    q8_0 activations quantized by one Pallas kernel (numlab.kernels.quantize_x), else by XLA (prepare)."""
+    q8_0 activations quantized by one Pallas kernel (numlab.kernels.quantize_x), else by XLA (prepare);
+    atomic: two column splits add their partial sums into zeros (atomic float32 adds: 0 + a + b is the
+    same float in either order), no launch to sum them; at most two splits."""
 
     rows: int = 16
     tokens: int = 1
@@ -70,6 +72,7 @@ class Config:
     words: bool = True
     prefetch: bool = False
     x_kernel: bool = True
+    atomic: bool = False
 
     def check(self):
         for name in ("rows", "tokens"):
@@ -83,6 +86,9 @@ class Config:
             raise ValueError(f"Config.dot={self.dot!r}; valid: {', '.join(DOTS)}")
         if min(self.ksplit, self.unroll, self.num_warps, self.num_stages) < 1:
             raise ValueError(f"Config {self}: ksplit, unroll, num_warps, num_stages must be >= 1")
+        if self.atomic and self.ksplit > 2:
+            raise ValueError(f"Config.atomic with ksplit={self.ksplit}: atomic adds are order-independent for at "
+                             f"most 2 column splits")
         if self.lane_runs not in (0, 1, 16):
             raise ValueError(f"Config.lane_runs={self.lane_runs}; valid: 0 (by format), 1, 16")
         return self
@@ -139,18 +145,24 @@ def prepare(x, act: str):
     return q.reshape(x.shape[0], -1).astype(jnp.int8), d, sums if act == "q8_k" else d * sums.astype(jnp.float32)
 
 
-def kernel_inputs(x, fmt: str, act: str, cfg: Config, interpret: bool = False) -> tuple:
+def kernel_inputs(x, fmt: str, act: str, cfg: Config, interpret: bool = False, zeros: int = 0) -> tuple:
     """prepare(x, act) for x float [N, cols], in the form the kernel for (fmt, act, cfg) reads: codes
     as 32-bit words of four (uses_words), as float32 (other multiply-add paths) or int8 (dot tiles);
     q8_1 / q8_0 by quantize_x's kernel where cfg.x_kernel; dot tiles take the scales and sums
-    group-major ([K / 32, N]: a tile's tokens contiguous, read two at a time)."""
+    group-major ([K / 32, N]: a tile's tokens contiguous, read two at a time). zeros > 0: float32
+    [zeros] of zeros last (from quantize_x's launch where it runs, else from XLA)."""
     words = uses_words(fmt, act, cfg, x.shape[-1])
     fma = act not in FLOAT_ACTS and cfg.tokens < MIN_DOT and not words
     group_major = act not in FLOAT_ACTS and cfg.tokens >= MIN_DOT
     if act in ("q8_1", "q8_0") and cfg.x_kernel:
         xs = quantize_x.q8_blocks(x, "words" if words else "f32" if fma else "int8", interpret=interpret,
-                                  group_major=group_major)
-        return xs[:2] + (min_planes(xs[2]),) if min_dot(fmt, act, cfg) else xs
+                                  group_major=group_major, zeros=zeros)
+        return xs[:2] + (min_planes(xs[2]),) + xs[3:] if min_dot(fmt, act, cfg) else xs
+    return _prepared(x, fmt, act, cfg, words, fma, group_major) + ((jnp.zeros((zeros,), jnp.float32),) if zeros else ())
+
+
+def _prepared(x, fmt, act, cfg, words, fma, group_major):
+    """kernel_inputs by prepare (XLA)."""
     xs = prepare(x, act)
     if words:
         return (lax.bitcast_convert_type(xs[0].reshape(xs[0].shape[0], -1, 4), jnp.int32),) + xs[1:]
@@ -197,23 +209,29 @@ def qmatmul(data, fmt: str, shape, x, tile_expert, act: str, cfg: Config, interp
     data = data.reshape(-1)
     if uses_words(fmt, act, cfg, cols) or dot_words(fmt, act, cfg):     # weights as 32-bit words
         data = lax.bitcast_convert_type(data.reshape(-1, 4), jnp.int32)
-    xs = kernel_inputs(x, fmt, act, cfg, interpret)
+    atomic = cfg.atomic and cfg.ksplit == 2
+    n_out = n_tiles * cfg.tokens * rows
+    xs = kernel_inputs(x, fmt, act, cfg, interpret, zeros=n_out if atomic else 0)
     if indirect:
         xs = (src.astype(jnp.int32),) + xs
     dims = dict(cols=cols, row_bytes=row_bytes, expert_bytes=rows * row_bytes, n_x=x.shape[0])
     kernel = functools.partial(_kernel, fmt=fmt, act=act, cfg=cfg, interpret=interpret, indirect=indirect,
-                               per_row=per_row, **dims)
+                               per_row=per_row, atomic=atomic, **dims)
+    splits = () if atomic else (cfg.ksplit,)
     out = pl.pallas_call(
         kernel,
-        out_shape=jax.ShapeDtypeStruct((cfg.ksplit, n_tiles * cfg.tokens, rows), jnp.float32),
+        out_shape=jax.ShapeDtypeStruct(splits + (n_tiles * cfg.tokens, rows), jnp.float32),
         grid=(n_tiles, rows // cfg.rows, cfg.ksplit),
         in_specs=[pl.no_block_spec] * (2 + len(xs)),
-        out_specs=pl.BlockSpec((None, cfg.tokens, cfg.rows), lambda t, r, k: (k, t, r)),
+        out_specs=pl.BlockSpec((None,) * len(splits) + (cfg.tokens, cfg.rows),
+                               lambda t, r, k: (k,) * len(splits) + (t, r)),
+        input_output_aliases={1 + len(xs): 0} if atomic else {},
         compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
         interpret=interpret,
         name=f"qmatmul_{fmt}_{act}",
-    )(tile_expert.astype(jnp.int32), data, *(a.reshape(-1) for a in xs))
-    return out[0] if cfg.ksplit == 1 else jnp.sum(out, axis=0)
+    )(tile_expert.astype(jnp.int32), data, *(a.reshape(-1) for a in xs[:len(xs) - atomic]),
+      *((xs[-1].reshape(n_tiles * cfg.tokens, rows),) if atomic else ()))
+    return out if atomic else out[0] if cfg.ksplit == 1 else jnp.sum(out, axis=0)
 
 
 def uses_words(fmt: str, act: str, cfg: Config, cols: int) -> bool:
@@ -243,8 +261,24 @@ def _drop(a):
     return a.reshape(a.shape[:-1])
 
 
-def _kernel(te_ref, w_ref, *refs, fmt, act, cfg, interpret, cols, row_bytes, expert_bytes, n_x, indirect, per_row):
+class _Adding:
+    """An output ref whose stores add to it atomically (Config.atomic)."""
+
+    def __init__(self, ref):
+        self.ref = ref
+
+    def __setitem__(self, idx, value):
+        index = jax.dtypes.canonicalize_dtype(int)      # Python ints as arrays (the discharge rule needs shapes)
+        idx = idx if isinstance(idx, tuple) else (idx,)
+        idx = tuple(jnp.asarray(i, index) if isinstance(i, int) else i for i in idx)
+        plgpu.atomic_add(self.ref, idx, value)
+
+
+def _kernel(te_ref, w_ref, *refs, fmt, act, cfg, interpret, cols, row_bytes, expert_bytes, n_x, indirect, per_row,
+            atomic):
     *x_refs, o_ref = refs
+    if atomic:                            # the last input is the zeros aliased to o_ref
+        x_refs, o_ref = x_refs[:-1], _Adding(o_ref)
     t_id, r_id, k_id = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     e = te_ref[t_id]
     steps = cols // CHUNK // cfg.ksplit

@@ -29,10 +29,12 @@ def groups_per_program(cols: int) -> int:
 
 
 def q8_blocks(x, codes: str = "int8", *, interpret: bool = False, per: int | None = None,
-              group_major: bool = False):
+              group_major: bool = False, zeros: int = 0):
     """x float32 [P, K] (K a multiple of 32) -> (codes, d float32 [P, K / 32], d · sum of the group's
     codes float32 [P, K / 32]), codes as CODES says, equal to qmatmul.prepare(x, "q8_1")'s; per groups
-    of 32 values per program (default groups_per_program); group_major: d and the sums as [K / 32, P]."""
+    of 32 values per program (default groups_per_program); group_major: d and the sums as [K / 32, P];
+    zeros > 0: a fourth output, float32 [zeros] of zeros written by the same launch (a product's
+    output for its atomic adds)."""
     if codes not in CODES:
         raise ValueError(f"q8_blocks: codes={codes!r}; valid: {', '.join(CODES)}")
     x = jnp.asarray(x)
@@ -43,22 +45,32 @@ def q8_blocks(x, codes: str = "int8", *, interpret: bool = False, per: int | Non
     per = per or groups_per_program(cols)
     if n_groups % per:
         raise ValueError(f"q8_blocks: per={per} groups per program must divide the row's {n_groups} groups")
+    if zeros < 0:
+        raise ValueError(f"q8_blocks: zeros={zeros} must be >= 0")
     code_shape = {"int8": ((rows * cols,), jnp.int8), "words": ((rows * cols // _BYTE,), jnp.int32),
                   "f32": ((rows * cols,), jnp.float32)}[codes]
-    q, d, ds = pl.pallas_call(
+    grid = (rows, n_groups // per)
+    zero_span = _pow2_at_least(-(-zeros // (grid[0] * grid[1])))
+    out_shape = (jax.ShapeDtypeStruct(*code_shape), jax.ShapeDtypeStruct((rows * n_groups,), jnp.float32),
+                 jax.ShapeDtypeStruct((rows * n_groups,), jnp.float32))
+    out_shape += (jax.ShapeDtypeStruct((zeros,), jnp.float32),) if zeros else ()
+    q, d, ds, *z = pl.pallas_call(
         lambda *refs: _kernel(*refs, cols=cols, per=per, codes=codes, interpret=interpret,
-                              group_major=group_major),
-        out_shape=(jax.ShapeDtypeStruct(*code_shape), jax.ShapeDtypeStruct((rows * n_groups,), jnp.float32),
-                   jax.ShapeDtypeStruct((rows * n_groups,), jnp.float32)),
-        grid=(rows, n_groups // per),
+                              group_major=group_major, zeros=zeros, zero_span=zero_span),
+        out_shape=out_shape,
+        grid=grid,
         in_specs=[pl.no_block_spec],
-        out_specs=[pl.no_block_spec] * 3,
+        out_specs=[pl.no_block_spec] * len(out_shape),
         compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=1),
         interpret=interpret,
         name="quantize_x_q8",
     )(x.astype(jnp.float32).reshape(-1))
     scale_shape = (n_groups, rows) if group_major else (rows, n_groups)
-    return q.reshape(rows, -1), d.reshape(scale_shape), ds.reshape(scale_shape)
+    return (q.reshape(rows, -1), d.reshape(scale_shape), ds.reshape(scale_shape)) + tuple(z)
+
+
+def _pow2_at_least(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
 
 
 def _iota(shape, dim):
@@ -80,8 +92,11 @@ def _max12(a):
     return jnp.max(jnp.max(a, axis=2, keepdims=True), axis=1, keepdims=True)
 
 
-def _kernel(x_ref, q_ref, d_ref, s_ref, *, cols, per, codes, interpret, group_major):
+def _kernel(x_ref, q_ref, d_ref, s_ref, *z_ref, cols, per, codes, interpret, group_major, zeros, zero_span):
     row, blk = pl.program_id(0), pl.program_id(1)
+    if zeros:                               # this program's share of the zeros (past the end: the last one again)
+        at = (row * pl.num_programs(1) + blk) * zero_span + _iota((zero_span,), 0)
+        z_ref[0][jnp.minimum(at, zeros - 1)] = jnp.zeros((zero_span,), jnp.float32)
     g = blk * per + _iota((per, 1, 1), 0)                       # group of the row
     word, byte = _iota((1, _WORD, 1), 1), _iota((1, 1, _BYTE), 2)
     pos = _BYTE * word + byte                                    # value 0..31 in its group
