@@ -143,7 +143,8 @@ ATOMIC_CASES = [("q4_k", "q8_1", 1, qm.Config(rows=16, ksplit=2, unroll=2, prefe
 def test_atomic_split_sums_are_the_split_sums_bit_for_bit(fmt, act, n, cfg):
     """Two column splits adding into zeros (Config.atomic) give the bits of the split sum after the kernel
     (0 + a + b = a + b in either order), through the word, multiply-add and dot-tile paths; the zeros come
-    from quantize_x's launch for q8_1 (no other launch in the lowered product) and from XLA otherwise."""
+    from quantize_x's launch for q8_1 (no other launch in the lowered product) and from XLA otherwise. (The
+    interpreter adds exactly; the GPU's atomics also flush subnormal sums to zero.)"""
     rng = _rng("atomic", fmt, act, n)
     w = _weights(rng, fmt, (32, 1024))
     x = jnp.asarray(rng.standard_normal((n, 1024)) * 3, jnp.float32)

@@ -325,7 +325,8 @@ MANY_TOKENS_FLOAT = [tiling(64, tokens=32, warps=8), tiling(32, tokens=16, warps
 
 def tuned_first(case: Case, configs, tokens_per_matrix: int | None = None, matrices: int = 1) -> list:
     """numlab.kernels.tuning's config for the case (what the model runs) first; below 16 tokens in an
-    integer mode also it on bytes (words=False) and, for one token, with prefetch flipped; dot tiles
+    integer mode also it on bytes (words=False), for one token with prefetch flipped, and with the split
+    sum after the kernel where it adds atomically; dot tiles
     that can read words (qmatmul.dot_words) also with words flipped; then configs (tokens_per_matrix,
     matrices: the tuning's token count, default case.n, and matrices per launch)."""
     from numlab.kernels import tuning
@@ -335,6 +336,8 @@ def tuned_first(case: Case, configs, tokens_per_matrix: int | None = None, matri
         out.append(dataclasses.replace(tuned, words=False, prefetch=False))
         if tuned.tokens == 1:
             out.append(dataclasses.replace(tuned, prefetch=not tuned.prefetch))
+        if tuned.atomic:
+            out.append(dataclasses.replace(tuned, atomic=False))
     flipped = dataclasses.replace(tuned, words=not tuned.words)
     if qm.dot_words(case.fmt, case.act, tuned) or qm.dot_words(case.fmt, case.act, flipped):
         out.append(flipped)
@@ -406,7 +409,8 @@ def check_all(key, deadline: float, log=print) -> list:
     17 tokens; bf16 and f16, which differ from f32 only in x's rounding before the kernel, on q4_k;
     q6_k's integer word kernels also on 768 columns, odd super-blocks per row; q4_k's and q5_k's dot
     tiles also reading bytes and loading a chunk ahead, one token unsplit (two chunks ahead through the
-    loop, not only its peeled end), the overrides recorded: "words": False, "prefetch": True, "ksplit": 1)
+    loop, not only its peeled end), two splits adding atomically, the overrides recorded: "words": False,
+    "prefetch": True, "ksplit": 1, "atomic": True)
     against the reference on fresh random inputs, small shapes: [{fmt, act, n, cols, max_err_over_scale,
     ok}]."""
     from numlab.kernels import tuning
@@ -419,6 +423,7 @@ def check_all(key, deadline: float, log=print) -> list:
         combos += [(act, 17, {"words": False}) for act in ("q8_1", "q8_k")] if fmt in ("q4_k", "q5_k") else []
         combos += [("q8_1", 17, {"prefetch": True})] if fmt in ("q4_k", "q5_k") else []
         combos += [("q8_1", 1, {"ksplit": 1})] if cols == 1024 else []      # two chunks ahead in a loop
+        combos += [("q8_1", 1, {"ksplit": 2, "atomic": True})] if cols == 1024 else []
         ws = random_weights(jax.random.fold_in(key, i), fmt, 1, 256, cols)
         for j, (act, n, *rest) in enumerate(combos):
             overrides = dict(*rest)
