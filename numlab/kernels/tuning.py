@@ -70,19 +70,21 @@ def config_for(fmt: str, act: str, n_tokens: int, rows: int | None = None, cols:
     chunks = cols // CHUNK
     if n_tokens <= 1 and act not in FLOAT_ACTS:
         unroll = 4 if fmt == "q6_k" and chunks >= LONG_ROW else cfg.unroll
-        ksplit = _one_token_ksplit(programs * matrices, chunks, unroll)
-        return dataclasses.replace(cfg, unroll=unroll, ksplit=ksplit, atomic=ksplit == 2 and act in ("q8_1", "q8_0"))
+        adds = act in ("q8_1", "q8_0")           # two splits can add atomically into quantize_x's zeros
+        ksplit = _one_token_ksplit(programs * matrices, chunks, unroll, 2 if adds and chunks < LONG_ROW else chunks)
+        return dataclasses.replace(cfg, unroll=unroll, ksplit=ksplit, atomic=adds and ksplit == 2)
     if cfg.tokens >= MIN_DOT and act not in FLOAT_ACTS:
         programs *= matrices
     return dataclasses.replace(cfg, ksplit=max(1, min(chunks // 2, -(-SMS * waves // programs))))
 
 
-def _one_token_ksplit(programs: int, chunks: int, unroll: int) -> int:
+def _one_token_ksplit(programs: int, chunks: int, unroll: int, most: int) -> int:
     """Column splits at one token, integer modes (`unroll` chunks loaded ahead): the fewest that divide
     the row's chunks and give 6 chunks in flight per multiprocessor (programs · splits · unroll) on rows
     of LONG_ROW chunks or more, one on shorter rows (there the split sum's launch costs more than the
-    splits gain). On the H100 (whole product, results/bench/prefetch-unrolled-h100.json, then
-    prefetch-unrolled-second-h100.json): 4096×14336 at 2 splits two chunks ahead q4_k 19.3 / 19.4 us
+    splits gain), at most `most` (2 on short rows where the splits add atomically: 512×2048 q4_k 4.2 us
+    against 4.9 at 4 splits, results/bench/atomic-splits-h100.json). On the H100 (whole product,
+    results/bench/prefetch-unrolled-h100.json, then prefetch-unrolled-second-h100.json): 4096×14336 at 2 splits two chunks ahead q4_k 19.3 / 19.4 us
     against 23.1 unsplit and 20.8 at 7 splits one chunk ahead (the earlier tuning), 19.9 / 20.0 unsplit
     four ahead; q8_0 30.3 / 30.3 against 38.5, 32.0 and 32.2 / 32.0; q6_k unsplit four ahead 26.4 / 26.3
     against 28.1 / 28.2 at 2 splits two ahead and 27.2 at 7 one ahead; rows of 2048 columns unsplit two
@@ -92,7 +94,8 @@ def _one_token_ksplit(programs: int, chunks: int, unroll: int) -> int:
     target = (6 * SMS if chunks >= LONG_ROW else SMS) / (programs * unroll)
     if target <= 1:
         return 1
-    return next((d for d in range(1, chunks + 1) if chunks % d == 0 and d >= target), chunks)
+    fewest = next((d for d in range(1, chunks + 1) if chunks % d == 0 and d >= target), chunks)
+    return fewest if fewest <= most else max(d for d in range(1, most + 1) if chunks % d == 0)
 
 
 def pays(act: str, n_tokens: int) -> bool:
