@@ -79,17 +79,17 @@ def config_for(fmt: str, act: str, n_tokens: int, rows: int | None = None, cols:
 
 
 def _one_token_ksplit(programs: int, chunks: int, unroll: int, most: int) -> int:
-    """Column splits at one token, integer modes (`unroll` chunks loaded ahead): the fewest that divide
-    the row's chunks and give 6 chunks in flight per multiprocessor (programs · splits · unroll) on rows
-    of LONG_ROW chunks or more, one on shorter rows (there the split sum's launch costs more than the
-    splits gain), at most `most` (2 on short rows where the splits add atomically: 512×2048 q4_k 4.2 us
-    against 4.9 at 4 splits, results/bench/atomic-splits-h100.json). On the H100 (whole product,
-    results/bench/prefetch-unrolled-h100.json, then prefetch-unrolled-second-h100.json): 4096×14336 at 2
-    splits two chunks ahead q4_k 19.3 / 19.4 us against 23.1 unsplit and 20.8 at 7 splits one chunk ahead (the earlier tuning), 19.9 / 20.0 unsplit
-    four ahead; q8_0 30.3 / 30.3 against 38.5, 32.0 and 32.2 / 32.0; q6_k unsplit four ahead 26.4 / 26.3
-    against 28.1 / 28.2 at 2 splits two ahead and 27.2 at 7 one ahead; rows of 2048 columns unsplit two
-    ahead: 4096 rows 6.3 / 6.3 against 8.0 / 8.1 at 2 splits and 7.0 / 7.1 at 8 one ahead, MUL_MAT_ID
-    q4_k 6.7 / 6.7 against 8.5 at 4 one ahead, q6_k 8.2 / 8.3 against 11.3, the Q6_K lm_head 107.9 /
+    """Column splits at one token, integer modes (`unroll` chunks loaded ahead): the fewest that divide the row's
+    chunks and give 6 chunks in flight per multiprocessor (programs · splits · unroll) on rows of LONG_ROW
+    chunks or more, one on shorter rows (there the split sum's launch costs more than the splits gain), at most
+    `most` (2 on short rows where the splits add atomically: 512×2048 q4_k 4.2 us against 4.9 at 4 splits,
+    results/bench/atomic-splits-h100.json). On the H100 (whole product,
+    results/bench/prefetch-unrolled-h100.json, then prefetch-unrolled-second-h100.json): 4096×14336 at 2 splits
+    two chunks ahead q4_k 19.3 / 19.4 us against 23.1 unsplit and 20.8 at 7 splits one chunk ahead (the earlier
+    tuning), 19.9 / 20.0 unsplit four ahead; q8_0 30.3 / 30.3 against 38.5, 32.0 and 32.2 / 32.0; q6_k unsplit
+    four ahead 26.4 / 26.3 against 28.1 / 28.2 at 2 splits two ahead and 27.2 at 7 one ahead; rows of 2048
+    columns unsplit two ahead: 4096 rows 6.3 / 6.3 against 8.0 / 8.1 at 2 splits and 7.0 / 7.1 at 8 one ahead,
+    MUL_MAT_ID q4_k 6.7 / 6.7 against 8.5 at 4 one ahead, q6_k 8.2 / 8.3 against 11.3, the Q6_K lm_head 107.9 /
     107.6 against 114.4 one ahead and 143.3 four ahead."""
     target = (6 * SMS if chunks >= LONG_ROW else SMS) / (programs * unroll)
     if target <= 1:
