@@ -176,6 +176,20 @@ def test_atomic_experts_leave_skipped_tiles_zero():
     np.testing.assert_array_equal(np.asarray(y).view(np.uint32), np.asarray(run(cfg)).view(np.uint32))
 
 
+@pytest.mark.parametrize("fmt", FMTS)
+def test_one_token_float_kernels_fuse_multiply_adds(fmt):
+    """The Triton lowering (done on the CPU) of one token in f32 accumulates by PTX fma.rn.f32 (Pallas'
+    Triton path would not contract the product and the sum); several tokens reduce products instead."""
+    w = jax.ShapeDtypeStruct((32, formats.row_bytes(fmt, 1024)), jnp.uint8)
+
+    def lowered(n):
+        f = lambda d, x: kernels.qmatvec_fast(QTensor(d, fmt, (32, 1024)), x, "f32")  # noqa: E731
+        return jax.jit(f).trace(w, jax.ShapeDtypeStruct((n, 1024), jnp.float32)).lower(
+            lowering_platforms=("cuda",)).as_text()
+    assert "fma.rn.f32" in lowered(1)
+    assert "fma.rn.f32" not in lowered(3)
+
+
 @pytest.mark.parametrize("fmt", ["q4_k", "q5_k"])
 def test_dot_word_groups_are_the_codecs_fields(fmt):
     """The dot tiles' word decoders give, for every group of a chunk, the codec's codes, 6-bit scale and

@@ -327,7 +327,8 @@ def _kernel(te_ref, w_ref, *refs, fmt, act, cfg, interpret, cols, row_bytes, exp
             def step(w_ref, x_refs, b, c, xrow, acc):
                 return compute(load(w_ref, x_refs, b, c, xrow), acc)
         elif act in FLOAT_ACTS:
-            step, acc, store = (_float_fma if cfg.tokens < MIN_DOT else _float_dot)(fmt, cfg, cols)
+            step, acc, store = (_float_fma(fmt, cfg, cols, interpret) if cfg.tokens < MIN_DOT
+                                else _float_dot(fmt, cfg, cols))
         else:
             step, acc, store = (_int_fma(fmt, cfg, cols, act) if cfg.tokens < MIN_DOT
                                 else _int_dot_bytes(fmt, cfg, cols, act, n_x))
@@ -351,10 +352,10 @@ def _store_rows(o_ref, acc):
         o_ref[t, :] = a
 
 
-def _float_fma(fmt, cfg, cols):
+def _float_fma(fmt, cfg, cols, interpret):
     """Fewer than 16 tokens: multiply-adds of the dequantized weights with x. One token: elementwise
-    sums per (row, group, value) carried across chunks and reduced at the end; several tokens: one
-    [rows] sum per token, reduced per chunk."""
+    fused multiply-adds (_fma) per (row, group, value) carried across chunks and reduced at the end;
+    several tokens: one [rows] sum per token, reduced per chunk."""
     g_n = layouts.GROUPS_PER_PART
     lanes = cfg.lanes(fmt)
     one = cfg.tokens == 1
@@ -366,7 +367,7 @@ def _float_fma(fmt, cfg, cols):
         for p, grp in enumerate(layouts.decode(fmt, w_ref, base, PARTS, 0, g_n, True, lanes)):
             w = layouts.dequantized(fmt, grp)
             if one:
-                acc = acc + w * xs[p][0]
+                acc = _fma(w, xs[p][0], acc, interpret)
             else:
                 acc = tuple(a + jnp.sum(w * xv, axis=lanes.non_row_axes) for a, xv in zip(acc, xs[p]))
         return acc
@@ -566,6 +567,17 @@ def _int_dot_words(fmt, cfg, cols, act, n_x, x_refs, xrow):
         return accumulate(layouts.dot_word_groups(*words), x_refs, c, xrow, acc, mins)
 
     return load, compute, zeros, store
+
+
+def _fma(a, b, c, interpret: bool):
+    """a · b + c in float32, elementwise: rounded once on the GPU (PTX fma.rn.f32; Pallas' Triton path
+    does not contract a multiply and an add), twice in Pallas' interpreter."""
+    a, b, c = jnp.broadcast_arrays(a, b, c)
+    if interpret:
+        return a * b + c
+    (out,) = plgpu.elementwise_inline_asm("fma.rn.f32 $0, $1, $2, $3;", args=[a, b, c], constraints="=r,r,r,r",
+                                          pack=1, result_shape_dtypes=[jax.ShapeDtypeStruct(a.shape, jnp.float32)])
+    return out
 
 
 def _dp4a(a, b, interpret: bool):
