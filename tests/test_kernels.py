@@ -271,11 +271,13 @@ def test_vmap_folds_into_tokens_and_stacks():
     fast = functools.partial(kernels.qmatvec_fast, act="f32", interpret=True)
     over_x = jax.vmap(jax.vmap(lambda v: fast(w, v)))
     over_wx = jax.vmap(lambda d, v: jax.vmap(lambda u: fast(QTensor(d, "q4_k", w.shape), u))(v))
-    for f, args, ref in ((over_x, (x,), _ref(w, x, act="f32")),
-                         (over_wx, (ws.data, x), _ref(ws, x.transpose(1, 0, 2), act="f32").transpose(1, 0, 2))):
+    per_x = QTensor(ws.data[:, None], "q4_k", w.shape)             # matrix i against x[i]'s rows
+    for f, args, ref, wq in ((over_x, (x,), _ref(w, x, act="f32"), w),
+                             (over_wx, (ws.data, x), _ref(ws, x.transpose(1, 0, 2), act="f32").transpose(1, 0, 2),
+                              per_x)):
         grids = re.findall(r"grid=\(([^)]*)\)", str(jax.make_jaxpr(f)(*args)))
         assert grids and all(len(g.split(",")) <= 3 for g in grids), grids
-        chex.assert_trees_all_close(jax.jit(f)(*args), ref, rtol=1e-5, atol=1e-5)
+        _assert_close(jax.jit(f)(*args), ref, wq, x)
 
 
 @pytest.mark.parametrize("act,tokens", [("f32", 1), ("q8_1", 1), ("q8_1", 16)])
