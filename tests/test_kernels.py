@@ -333,6 +333,19 @@ def test_prepared_roundings_survive_excess_precision(act):
     assert not pairs, f"convert pairs {pairs} in the compiled qm.prepare(x, {act!r})"
 
 
+def test_q8_k_preparation_is_the_codecs():
+    """prepare(x, "q8_k") (the codec's scale and codes, no bytes) equals the codec's bytes unpacked, and
+    its sums are those of each 32 codes, on rows with zeros, ties and a NaN."""
+    rng = _rng("prepare-q8_k")
+    x = rng.standard_normal((3, 512)).astype(np.float32) * 5
+    x[1, :256], x[2, 7], x[2, 300:310] = 0, np.nan, 2.5
+    q, d, sums = jax.jit(functools.partial(qm.prepare, act="q8_k"))(jnp.asarray(x))
+    u = formats.unpack(formats.quantize(jnp.asarray(x), "q8_k"), "q8_k")
+    np.testing.assert_array_equal(np.asarray(q), np.asarray(u.q).reshape(3, 512))
+    np.testing.assert_array_equal(np.asarray(d).view(np.uint32), np.asarray(u.d).reshape(3, 2).view(np.uint32))
+    np.testing.assert_array_equal(np.asarray(sums), np.asarray(u.q).reshape(3, 16, 32).sum(-1))
+
+
 def test_errors_name_the_bad_value():
     w = _weights(_rng("err"), "q4_k", (16, 256))
     with pytest.raises(ValueError, match="act='q8_0'.*q8_k, q8_1"):

@@ -31,8 +31,9 @@ GGML_TYPE = 15
 _SUB = 16
 
 
-def quantize_blocks(x: jax.Array) -> jax.Array:
-    """float32 [..., nb, 256] -> uint8 [..., nb, 292]: f32 d, 256 int8 codes, 16 int16 bsums."""
+def scale_and_codes(x: jax.Array):
+    """float32 [..., nb, 256] -> (d float32 [..., nb], codes int8 [..., nb, 256]): quantize_blocks' values
+    before their bytes."""
     amax = jnp.max(jnp.where(jnp.isnan(x), 0.0, jnp.abs(x)), axis=-1, keepdims=True)
     # max is +amax or -amax, whichever comes first (two min-reductions; XLA's argmax is slow on CPU).
     pos = jnp.arange(BLOCK_SIZE)
@@ -45,6 +46,12 @@ def quantize_blocks(x: jax.Array) -> jax.Array:
     v = jnp.where(jnp.isfinite(p), lax.round(p, lax.RoundingMethod.TO_NEAREST_EVEN), 0)
     q = jnp.minimum(v, 127).astype(jnp.int8)
     d = jnp.where(zero[..., 0], jnp.float32(0), div_rn(1, iscale[..., 0]))
+    return d, q
+
+
+def quantize_blocks(x: jax.Array) -> jax.Array:
+    """float32 [..., nb, 256] -> uint8 [..., nb, 292]: f32 d, 256 int8 codes, 16 int16 bsums."""
+    d, q = scale_and_codes(x)
     bsums = jnp.sum(q.astype(jnp.int32).reshape(q.shape[:-1] + (_SUB, BLOCK_SIZE // _SUB)), axis=-1)
     sums_bytes = i16_bytes(bsums).reshape(bsums.shape[:-1] + (2 * _SUB,))
     return jnp.concatenate([f32_bytes(d), lax.bitcast_convert_type(q, jnp.uint8), sums_bytes], axis=-1)

@@ -30,6 +30,7 @@ from jax.experimental.pallas import triton as plgpu
 
 import numlab.formats as formats
 from numlab.formats._common import f16_value
+from numlab.formats import q8_k
 from numlab.formats.q8_0 import scale_and_codes
 from numlab.kernels import layouts, quantize_x
 from numlab.kernels.layouts import CHUNK, GROUP, GROUPS
@@ -131,8 +132,8 @@ def prepare(x, act: str):
     float modes; for integer modes the reference's codes from numlab's codec: codes int8 [P, K],
     scales float32 [P, K / 32] (q8_k: [P, K / 256]) and the sums of codes per 32 as int32 (q8_k) or
     times their scale, float32 (q8_1, q8_0: the factor of a group's min term). Every bf16/f16 value
-    (x here, the fp16 scales of q8_1 and q8_0) is read back from its bits (`low_value`). q8_1 and q8_0
-    take the codec's scale and codes before its byte packing (one pass fewer than its bytes)."""
+    (x here, the fp16 scales of q8_1 and q8_0) is read back from its bits (`low_value`). Every mode takes
+    the codec's scale and codes before its byte packing (one pass fewer than its bytes)."""
     if act in FLOAT_ACTS:
         return (rounded(x, act),)
     x = x.astype(jnp.float32)
@@ -140,8 +141,7 @@ def prepare(x, act: str):
         d, q = scale_and_codes(x.reshape(x.shape[0], -1, GROUP))
         d = f16_value(d.astype(jnp.float16))
     else:
-        u = formats.unpack(formats.quantize(x, act), act)
-        q, d = u.q, u.d.reshape(x.shape[0], -1)
+        d, q = q8_k.scale_and_codes(x.reshape(x.shape[0], -1, q8_k.BLOCK_SIZE))
     sums = q.reshape(x.shape[0], -1, GROUP).astype(jnp.int32).sum(-1)
     return q.reshape(x.shape[0], -1).astype(jnp.int8), d, sums if act == "q8_k" else d * sums.astype(jnp.float32)
 
