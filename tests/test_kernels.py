@@ -161,7 +161,7 @@ def test_atomic_split_sums_are_the_split_sums_bit_for_bit(fmt, act, n, cfg):
         assert ops_.count("custom_call") == 2 and "reduce" not in ops_ and "add" not in ops_, sorted(set(ops_))
 
 
-def test_atomic_experts_leave_skipped_tiles_zero():
+def test_atomic_experts_are_the_split_sums_bit_for_bit():
     """The grouped kernel with atomic split sums: the pairs' outputs as without, bit for bit (tiles of
     16 rows, most rows padding)."""
     rng = _rng("atomic-experts")

@@ -213,6 +213,8 @@ def qmatmul(data, fmt: str, shape, x, tile_expert, act: str, cfg: Config, interp
     atomic = cfg.atomic and cfg.ksplit == 2
     n_out = n_tiles * cfg.tokens * rows
     xs = kernel_inputs(x, fmt, act, cfg, interpret, zeros=n_out if atomic else 0)
+    zeros = (xs[-1].reshape(n_tiles * cfg.tokens, rows),) if atomic else ()   # the output the splits add into
+    xs = xs[:len(xs) - len(zeros)]
     if indirect:
         xs = (src.astype(jnp.int32),) + xs
     dims = dict(cols=cols, row_bytes=row_bytes, expert_bytes=rows * row_bytes, n_x=x.shape[0])
@@ -223,15 +225,14 @@ def qmatmul(data, fmt: str, shape, x, tile_expert, act: str, cfg: Config, interp
         kernel,
         out_shape=jax.ShapeDtypeStruct(splits + (n_tiles * cfg.tokens, rows), jnp.float32),
         grid=(n_tiles, rows // cfg.rows, cfg.ksplit),
-        in_specs=[pl.no_block_spec] * (2 + len(xs)),
+        in_specs=[pl.no_block_spec] * (2 + len(xs) + len(zeros)),
         out_specs=pl.BlockSpec((None,) * len(splits) + (cfg.tokens, cfg.rows),
                                lambda t, r, k: (k,) * len(splits) + (t, r)),
-        input_output_aliases={1 + len(xs): 0} if atomic else {},
+        input_output_aliases={2 + len(xs): 0} if atomic else {},
         compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
         interpret=interpret,
         name=f"qmatmul_{fmt}_{act}",
-    )(tile_expert.astype(jnp.int32), data, *(a.reshape(-1) for a in xs[:len(xs) - atomic]),
-      *((xs[-1].reshape(n_tiles * cfg.tokens, rows),) if atomic else ()))
+    )(tile_expert.astype(jnp.int32), data, *(a.reshape(-1) for a in xs), *zeros)
     return out if atomic else out[0] if cfg.ksplit == 1 else jnp.sum(out, axis=0)
 
 
