@@ -62,7 +62,7 @@ FMTS = ("q4_k", "q5_k", "q6_k", "q8_0")
 # the way (one token in float modes also one value run per lane on q6_k / q8_0, as tuning picks).
 # Integer modes below 16 tokens read 32-bit words with byte dot products; the byte path they
 # replace (words=False) is checked on q4_k, q6_k and q8_0, loading a chunk ahead (prefetch) on every
-# format; q8_1 / q8_0 activations quantized by XLA (x_kernel=False) rather than quantize_x's kernel on two.
+# format; integer-mode activations quantized by XLA (x_kernel=False) rather than quantize_x's kernels on three.
 # Dot tiles read q4_k / q5_k as words (q8_1: the min term in one dot); their byte path on both, in both
 # modes, and their words a chunk ahead.
 CASES = ([(f, "f32", 1, qm.Config(rows=8, tokens=1, ksplit=2)) for f in FMTS]
@@ -80,6 +80,7 @@ CASES = ([(f, "f32", 1, qm.Config(rows=8, tokens=1, ksplit=2)) for f in FMTS]
                                                                                  ("q6_k", "q8_k", 1),
                                                                                  ("q8_0", "q8_1", 1))]
          + [(f, a, n, qm.Config(rows=16, tokens=n, x_kernel=False)) for f, a, n in (("q4_k", "q8_1", 1),
+                                                                                  ("q6_k", "q8_k", 1),
                                                                                   ("q8_0", "q8_0", 2))]
          + [("q5_k", "q8_1", 17, qm.Config(rows=16, tokens=16, x_kernel=False))]
          + [(f, a, 17, qm.Config(rows=16, tokens=16, words=False)) for f, a in (("q4_k", "q8_1"), ("q5_k", "q8_1"),
@@ -188,6 +189,17 @@ def test_one_token_float_kernels_fuse_multiply_adds(fmt):
             lowering_platforms=("cuda",)).as_text()
     assert "fma.rn.f32" in lowered(1)
     assert "fma.rn.f32" not in lowered(3)
+
+
+@pytest.mark.parametrize("fmt", ["q4_k", "q6_k", "q8_0"])
+def test_integer_dot_tiles_scale_by_fused_multiply_adds(fmt):
+    """The Triton lowering (done on the CPU) of the q8_1 dot tiles (17 tokens) adds each group's scaled
+    dot by PTX fma.rn.f32."""
+    w = jax.ShapeDtypeStruct((64, formats.row_bytes(fmt, 1024)), jnp.uint8)
+    f = lambda d, x: kernels.qmatvec_fast(QTensor(d, fmt, (64, 1024)), x, "q8_1")  # noqa: E731
+    text = jax.jit(f).trace(w, jax.ShapeDtypeStruct((17, 1024), jnp.float32)).lower(
+        lowering_platforms=("cuda",)).as_text()
+    assert text.count("fma.rn.f32") >= 1
 
 
 @pytest.mark.parametrize("fmt", ["q4_k", "q5_k"])

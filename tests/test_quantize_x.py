@@ -1,5 +1,5 @@
-"""numlab.kernels.quantize_x (Pallas' CPU interpreter): ggml's Q8_1 codes and scales, and bit for bit
-the XLA preparation it replaces (qmatmul.prepare) on rows with NaN, infinities, zeros and ties."""
+"""numlab.kernels.quantize_x (Pallas' CPU interpreter): ggml's Q8_1 and Q8_K codes and scales, and bit for
+bit the XLA preparation they replace (qmatmul.prepare) on rows with NaN, infinities, zeros and ties."""
 import functools
 
 import chex
@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import assume, given
 from hypothesis import strategies as st
 
 import ggml_oracle
@@ -16,6 +16,7 @@ from numlab.kernels import qmatmul as qm
 from numlab.kernels import quantize_x as qx
 
 _Q8_1 = np.dtype([("d", "<f2"), ("s", "<f2"), ("qs", "i1", 32)])
+_Q8_K = np.dtype([("d", "<f4"), ("qs", "i1", 256), ("bsums", "<i2", 16)])
 
 
 def _bits(a):
@@ -90,11 +91,67 @@ class TestEqualsPrepare(chex.TestCase):
         np.testing.assert_array_equal(np.asarray(q[2, 15:17]), [-1, 1])
 
 
+def _normal_scales(x, block):
+    """Whether every block's d (about its largest |x| / 127) is 0 or a normal float32: XLA on the CPU
+    flushes subnormals to zero and ggml's C does not (numlab.formats.q8_k)."""
+    amax = np.abs(x.reshape(-1, block)).max(axis=1)
+    return bool(np.all((amax == 0) | (amax >= 2.0 ** -118)))
+
+
+def _q8_k_rows():
+    """_special_rows and their mirror image negated (blocks whose first largest |x| is negative), and a
+    block of ties for q8_k: its first largest |x| is -127 (iscale = 1), the rest k + 1/2 and -(k + 1/2)."""
+    x = _special_rows()
+    ties = np.concatenate([[-127.0], np.arange(255) % 16 - 7.5]).astype(np.float32)
+    ties[1::2] *= -1
+    x = jnp.concatenate([x, -x[:, ::-1]], axis=1)
+    return x.at[0, :256].set(ties)
+
+
+class TestQ8KEqualsPrepare(chex.TestCase):
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_every_code_form_and_scale_order(self):
+        x = _q8_k_rows()
+        want = qm.prepare(x, "q8_k")
+        for codes in qx.CODES:
+            for major in (False, True):
+                got = self.variant(functools.partial(qx.q8_k_blocks, codes=codes, interpret=True,
+                                                     group_major=major))(x)
+                chex.assert_shape(got, [(3, 2048 // 4 if codes == "words" else 2048), (8, 3) if major else (3, 8),
+                                        (64, 3) if major else (3, 64)])
+                for g, w in zip(got, (_as(codes, want[0]),) + tuple(a.T if major else a for a in want[1:])):
+                    np.testing.assert_array_equal(_bits(g), _bits(w))
+
+    def test_ties_round_half_to_even_and_zeros_beside(self):
+        x = _q8_k_rows()
+        q, d, sums, z = jax.jit(functools.partial(qx.q8_k_blocks, interpret=True, zeros=9))(x)
+        assert float(d[0, 0]) == 1.0
+        np.testing.assert_array_equal(np.asarray(q[0, :6]), [-127, 8, -6, 6, -4, 4])
+        np.testing.assert_array_equal(np.asarray(sums[0, :2]), np.asarray(q[0, :64]).reshape(2, 32).sum(1))
+        np.testing.assert_array_equal(np.asarray(z), np.zeros(9, np.float32))
+
+
+@given(hnp.arrays(np.float32, (2, 512), elements=st.floats(-1e6, 1e6, width=32)), st.integers(-20, 20))
+def test_q8_k_codes_and_scales_are_ggmls(x, exponent):
+    """Q8_K codes, float32 scales d and sums of 16 codes (pairs of them: our sums of 32) equal ggml's
+    quantize_row_q8_K (where d is not subnormal)."""
+    x = x * np.float32(2.0 ** exponent)
+    assume(_normal_scales(x, 256))
+    q, d, sums = jax.jit(functools.partial(qx.q8_k_blocks, interpret=True))(jnp.asarray(x))
+    blocks = ggml_oracle.quantize(x, "q8_k").view(_Q8_K)
+    np.testing.assert_array_equal(np.asarray(q).reshape(2, 2, 256), blocks["qs"])
+    np.testing.assert_array_equal(_bits(d), _bits(np.ascontiguousarray(blocks["d"]).reshape(2, 2)))
+    bsums = blocks["bsums"].astype(np.int32).reshape(2, 2, 8, 2).sum(-1).reshape(2, 16)
+    np.testing.assert_array_equal(np.asarray(sums), bsums)
+
+
 @given(hnp.arrays(np.float32, (2, 256), elements=st.floats(-1e6, 1e6, width=32)), st.integers(-20, 20))
 def test_codes_and_scales_are_ggmls(x, exponent):
     """Q8_1 codes and fp16 scales d equal ggml's quantize_row_q8_1_ref (the sums s, ggml's fp16 of
-    unrounded d times the sum, are not what the kernels read)."""
+    unrounded d times the sum, are not what the kernels read), where d is not subnormal."""
     x = x * np.float32(2.0 ** exponent)
+    assume(_normal_scales(x, 32))
     q, d, _ = jax.jit(functools.partial(qx.q8_blocks, interpret=True))(jnp.asarray(x))
     blocks = ggml_oracle.quantize(x, "q8_1").view(_Q8_1)
     np.testing.assert_array_equal(np.asarray(q).reshape(2, 8, 32), blocks["qs"])
@@ -117,4 +174,8 @@ def test_errors_name_the_bad_value():
         qx.q8_blocks(jnp.ones((1, 128)), per=3)
     with pytest.raises(ValueError, match="zeros=-1"):
         qx.q8_blocks(jnp.ones((1, 128)), zeros=-1)
+    with pytest.raises(ValueError, match=r"\(1, 288\) .* multiple of 256"):
+        qx.q8_k_blocks(jnp.ones((1, 288)))
+    with pytest.raises(ValueError, match="codes='int4'"):
+        qx.q8_k_blocks(jnp.ones((1, 256)), "int4")
     assert [qx.groups_per_program(c) for c in (32, 96, 256, 2048, 14336)] == [1, 1, 8, 16, 16]

@@ -9,8 +9,8 @@ Activation modes, with the arithmetic of numlab.ops.qmatvec's reference (the sam
 float rounding; the dequantized weights are bit-identical):
 - f32 / bf16 / f16: x rounded to that dtype (outside the kernel), float32 products and sums with the
   exactly dequantized weights. One token per tile: elementwise multiply-adds; 16 or more: a dot (`Config.dot`).
-- q8_1 / q8_0 / q8_k: x quantized before the kernel (q8_1 / q8_0 by numlab.kernels.quantize_x, q8_k by
-  numlab's codec); exact int32 dots of codes per group of 32 (tensor-core int8 dots for 16 or more
+- q8_1 / q8_0 / q8_k: x quantized before the kernel (by numlab.kernels.quantize_x, or numlab's codecs
+  in XLA: `Config.x_kernel`); exact int32 dots of codes per group of 32 (tensor-core int8 dots for 16 or more
   tokens), then the reference's float scaling. For
   fewer than 16 tokens (`Config.words`), the weights are read as 32-bit words and the
   codes multiplied four at a time by the GPU's byte dot product (dp4a), as llama.cpp's MMVQ does.
@@ -57,8 +57,8 @@ class Config:
     aligned q6_k and q8_0, 1 otherwise); words: fewer than 16 tokens in an integer mode read 32-bit
     words and use byte dot products (uses_words), else bytes and float multiply-adds; 16 or more on
     q4_k / q5_k: the dot tiles read the weights as words (dot_words), else bytes; prefetch: those word
-    kernels load the next `unroll` chunks before the arithmetic of the current ones; x_kernel: q8_1 /
-    q8_0 activations quantized by one Pallas kernel (numlab.kernels.quantize_x), else by XLA (prepare);
+    kernels load the next `unroll` chunks before the arithmetic of the current ones; x_kernel: integer-mode
+    activations quantized by one Pallas kernel (numlab.kernels.quantize_x), else by XLA (prepare);
     atomic: two column splits add their partial sums into zeros (atomic float32 adds: 0 + a + b is the
     same float in either order), no launch to sum them; at most two splits. The GPU's atomic adds flush
     subnormal sums to +0 (H100, results/bench/atomic-splits-h100.json): below 2^-126, not a rounding."""
@@ -142,14 +142,14 @@ def prepare(x, act: str):
         d = f16_value(d.astype(jnp.float16))
     else:
         d, q = q8_k.scale_and_codes(x.reshape(x.shape[0], -1, q8_k.BLOCK_SIZE))
-    sums = q.reshape(x.shape[0], -1, GROUP).astype(jnp.int32).sum(-1)
+    sums = q.reshape(x.shape[0], -1, GROUP).astype(jnp.int32).sum(-1, dtype=jnp.int32)
     return q.reshape(x.shape[0], -1).astype(jnp.int8), d, sums if act == "q8_k" else d * sums.astype(jnp.float32)
 
 
 def kernel_inputs(x, fmt: str, act: str, cfg: Config, interpret: bool = False, zeros: int = 0) -> tuple:
     """prepare(x, act) for x float [N, cols], in the form the kernel for (fmt, act, cfg) reads: codes
     as 32-bit words of four (uses_words), as float32 (other multiply-add paths) or int8 (dot tiles);
-    q8_1 / q8_0 by quantize_x's kernel where cfg.x_kernel; dot tiles take the scales and sums
+    by quantize_x's kernels where cfg.x_kernel; dot tiles take the scales and sums
     group-major ([K / 32, N]: a tile's tokens contiguous, read two at a time). zeros > 0: float32
     [zeros] of zeros last (from quantize_x's launch where it runs, else from XLA)."""
     words = uses_words(fmt, act, cfg, x.shape[-1])
@@ -159,6 +159,9 @@ def kernel_inputs(x, fmt: str, act: str, cfg: Config, interpret: bool = False, z
         xs = quantize_x.q8_blocks(x, "words" if words else "f32" if fma else "int8", interpret=interpret,
                                   group_major=group_major, zeros=zeros)
         return xs[:2] + (min_planes(xs[2]),) + xs[3:] if min_dot(fmt, act, cfg) else xs
+    if act == "q8_k" and cfg.x_kernel:
+        return quantize_x.q8_k_blocks(x, "words" if words else "f32" if fma else "int8", interpret=interpret,
+                                      group_major=group_major, zeros=zeros)
     return _prepared(x, fmt, act, cfg, words, fma, group_major) + ((jnp.zeros((zeros,), jnp.float32),) if zeros else ())
 
 
@@ -305,7 +308,7 @@ def _kernel(te_ref, w_ref, *refs, fmt, act, cfg, interpret, cols, row_bytes, exp
         words = uses_words(fmt, act, cfg, cols)
         if words or dot_words(fmt, act, cfg):
             load, compute, acc, store = (_int_words(fmt, cfg, cols, act, interpret) if words
-                                         else _int_dot_words(fmt, cfg, cols, act, n_x, x_refs, xrow))
+                                         else _int_dot_words(fmt, cfg, cols, act, n_x, x_refs, xrow, interpret))
             if cfg.prefetch:                # the next `unroll` chunks' loads before these chunks' arithmetic
                 def loads(it):
                     return tuple(load(w_ref, x_refs, *chunk(first + it * cfg.unroll + u), xrow)
@@ -332,7 +335,7 @@ def _kernel(te_ref, w_ref, *refs, fmt, act, cfg, interpret, cols, row_bytes, exp
                                 else _float_dot(fmt, cfg, cols))
         else:
             step, acc, store = (_int_fma(fmt, cfg, cols, act) if cfg.tokens < MIN_DOT
-                                else _int_dot_bytes(fmt, cfg, cols, act, n_x))
+                                else _int_dot_bytes(fmt, cfg, cols, act, n_x, interpret))
 
         def body(it, acc):
             for u in range(cfg.unroll):
@@ -473,11 +476,11 @@ def _small_int_f32(v):
     return lax.bitcast_convert_type(v + 0x4B400000, jnp.float32) - jnp.float32(0x00C00000)
 
 
-def _int_dot(fmt, cfg, cols, act, n_x):
+def _int_dot(fmt, cfg, cols, act, n_x, interpret):
     """16+ tokens, integer modes: per group an int8 dot [rows, 32] x [32, tokens] -> int32 (q6_k: one
     per half group, for its two scales), weighted by the integer scales exactly (int32 for q8_k, in
-    float32 below 2^24 otherwise), then the reference's float scaling; the min term goes into the
-    accumulator per group. x's scales are group-major (kernel_inputs): n_x rows of x. Returns
+    float32 below 2^24 otherwise), then the reference's float scaling by fused multiply-adds (_fma);
+    the min term goes into the accumulator per group. x's scales are group-major (kernel_inputs): n_x rows of x. Returns
     (accumulate, accumulators, store): accumulate(groups, x_refs, c, xrow, acc, mins) adds chunk c given
     its 8 decoded Groups (any order) and, where min_dot, its mins (layouts.dot_word_mins; x_refs[2] is
     then min_planes), else None."""
@@ -509,7 +512,7 @@ def _int_dot(fmt, cfg, cols, act, n_x):
 
     def accumulate(groups, x_refs, c, xrow, acc, mins=None):
         xq_ref, dx_ref = x_refs[:2]
-        bi = bm = 0
+        bi = bm = 0 if act == "q8_k" else jnp.zeros((cfg.rows, cfg.tokens), jnp.float32)
         for grp in groups:
             g = grp.g.reshape(1, 1)
             xq = xq_ref[xrow(tok) * cols + c * CHUNK + GROUP * g + _iota((GROUP, 1))]       # [32, T]
@@ -518,22 +521,23 @@ def _int_dot(fmt, cfg, cols, act, n_x):
             if act == "q8_k":
                 bi = bi + dots
             elif fmt == "q8_0":
-                acc = acc + (_drop(grp.d) * dx_ref[x32]) * dots
+                acc = _fma(_drop(grp.d) * dx_ref[x32], dots, acc, interpret)
             else:
-                dx = dx_ref[x32]
-                bi = bi + dx * dots
+                bi = _fma(dx_ref[x32], dots, bi, interpret)
             if grp.imin is not None and act == "q8_k":
                 bm = bm + _drop(grp.imin) * x_refs[2][x32]                                     # int32
             elif grp.imin is not None and mins is None:
-                acc = acc - (_drop(grp.dmin) * _drop(grp.imin).astype(jnp.float32)) * x_refs[2][x32]
+                acc = _fma(-(_drop(grp.dmin) * _drop(grp.imin).astype(jnp.float32)), x_refs[2][x32], acc, interpret)
         if fmt == "q8_0":
             return acc
         if mins is not None:
             planes = x_refs[2][(c * 4 * GROUPS + _iota((4 * GROUPS, 1))) * n_x + xrow(tok)]   # [32, T]
-            acc = acc - grp.dmin.reshape(cfg.rows, 1) * jnp.dot(mins, planes, preferred_element_type=jnp.float32)
-        dxk = dx_ref[at(xrow(tok), c)] if act == "q8_k" else None
-        dmin = grp.dmin.reshape(cfg.rows, 1) if grp.dmin is not None and act == "q8_k" else None
-        return acc + _chunk_scale(act, grp.d.reshape(cfg.rows, 1), dmin, bi, bm, dxk)
+            acc = _fma(-grp.dmin.reshape(cfg.rows, 1), jnp.dot(mins, planes, preferred_element_type=jnp.float32), acc,
+                       interpret)
+        if act == "q8_k":
+            dmin = grp.dmin.reshape(cfg.rows, 1) if grp.dmin is not None else None
+            return acc + _chunk_scale(act, grp.d.reshape(cfg.rows, 1), dmin, bi, bm, dx_ref[at(xrow(tok), c)])
+        return _fma(grp.d.reshape(cfg.rows, 1), bi, acc, interpret)
 
     def store(o_ref, acc):
         o_ref[...] = acc.T
@@ -541,10 +545,10 @@ def _int_dot(fmt, cfg, cols, act, n_x):
     return accumulate, jnp.zeros((cfg.rows, cfg.tokens), jnp.float32), store
 
 
-def _int_dot_bytes(fmt, cfg, cols, act, n_x):
+def _int_dot_bytes(fmt, cfg, cols, act, n_x, interpret):
     """_int_dot on the weights' bytes, decoded group by group (layouts.decode): (step, accumulators,
     store)."""
-    accumulate, zeros, store = _int_dot(fmt, cfg, cols, act, n_x)
+    accumulate, zeros, store = _int_dot(fmt, cfg, cols, act, n_x, interpret)
 
     def step(w_ref, x_refs, base, c, xrow, acc):
         groups = (grp for s in range(layouts.GROUPS_PER_PART) for grp in layouts.decode(fmt, w_ref, base, PARTS, s, 1))
@@ -553,11 +557,11 @@ def _int_dot_bytes(fmt, cfg, cols, act, n_x):
     return step, zeros, store
 
 
-def _int_dot_words(fmt, cfg, cols, act, n_x, x_refs, xrow):
+def _int_dot_words(fmt, cfg, cols, act, n_x, x_refs, xrow, interpret):
     """_int_dot on q4_k / q5_k weights read as 32-bit words (layouts.dot_word_load: 36 or 44 words per
     row and chunk, few enough to hold a chunk ahead): (load, compute, accumulators, store) as
     _int_words's; x's codes are read in compute, where Triton pipelines them into the dots."""
-    accumulate, zeros, store = _int_dot(fmt, cfg, cols, act, n_x)
+    accumulate, zeros, store = _int_dot(fmt, cfg, cols, act, n_x, interpret)
 
     def load(w_ref, x_refs_, base, c, xrow_):
         return c, layouts.dot_word_load(fmt, w_ref, (base >> 2)[:, None, None])
