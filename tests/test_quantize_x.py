@@ -159,10 +159,11 @@ def test_codes_and_scales_are_ggmls(x, exponent):
 
 
 def test_gpu_lowering_divides_correctly_rounded():
-    """The Triton lowering (done on the CPU) divides by PTX div.rn, not XLA's approximate division."""
+    """The Triton lowerings (done on the CPU) divide by PTX div.rn, not XLA's approximate division."""
     x = jax.ShapeDtypeStruct((1, 14336), jnp.float32)
-    text = jax.jit(qx.q8_blocks).trace(x).lower(lowering_platforms=("cuda",)).as_text()
-    assert text.count("quantize_x_q8") >= 1 and "div.rn.f32" in text
+    for quantize, name in ((qx.q8_blocks, "quantize_x_q8"), (qx.q8_k_blocks, "quantize_x_q8_k")):
+        text = jax.jit(quantize).trace(x).lower(lowering_platforms=("cuda",)).as_text()
+        assert text.count(name) >= 1 and "div.rn.f32" in text
 
 
 def test_errors_name_the_bad_value():

@@ -325,8 +325,8 @@ MANY_TOKENS_FLOAT = [tiling(64, tokens=32, warps=8), tiling(32, tokens=16, warps
 
 def tuned_first(case: Case, configs, tokens_per_matrix: int | None = None, matrices: int = 1) -> list:
     """numlab.kernels.tuning's config for the case (what the model runs) first; below 16 tokens in an
-    integer mode also it on bytes (words=False), for one token with prefetch flipped, and with the split
-    sum after the kernel where it adds atomically; dot tiles
+    integer mode also it on bytes (words=False), for one token with prefetch flipped, with the split
+    sum after the kernel where it adds atomically, and q8_k with x quantized by XLA; dot tiles
     that can read words (qmatmul.dot_words) also with words flipped; then configs (tokens_per_matrix,
     matrices: the tuning's token count, default case.n, and matrices per launch)."""
     from numlab.kernels import tuning
@@ -338,6 +338,8 @@ def tuned_first(case: Case, configs, tokens_per_matrix: int | None = None, matri
             out.append(dataclasses.replace(tuned, prefetch=not tuned.prefetch))
         if tuned.atomic:
             out.append(dataclasses.replace(tuned, atomic=False))
+        if case.act == "q8_k":
+            out.append(dataclasses.replace(tuned, x_kernel=False))
     flipped = dataclasses.replace(tuned, words=not tuned.words)
     if qm.dot_words(case.fmt, case.act, tuned) or qm.dot_words(case.fmt, case.act, flipped):
         out.append(flipped)

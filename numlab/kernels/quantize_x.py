@@ -88,7 +88,7 @@ def _launch(x, codes, per, *, interpret, group_major, zeros, scheme):
         out_specs=[pl.no_block_spec] * len(out_shape),
         compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=1),
         interpret=interpret,
-        name=f"quantize_x_{scheme.replace('_', '')}",
+        name="quantize_x_q8" if scheme == "q8_1" else "quantize_x_q8_k",
     )(x.astype(jnp.float32).reshape(-1))
     major = (lambda n: (n, rows)) if group_major else (lambda n: (rows, n))
     return (q.reshape(rows, -1), d.reshape(major(n_scales)), s.reshape(major(n_groups))) + tuple(z)
