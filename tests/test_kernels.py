@@ -144,7 +144,7 @@ ATOMIC_CASES = [("q4_k", "q8_1", 1, qm.Config(rows=16, ksplit=2, unroll=2, prefe
 def test_atomic_split_sums_are_the_split_sums_bit_for_bit(fmt, act, n, cfg):
     """Two column splits adding into zeros (Config.atomic) give the bits of the split sum after the kernel
     (0 + a + b = a + b in either order), through the word, multiply-add and dot-tile paths; the zeros come
-    from quantize_x's launch for q8_1 (no other launch in the lowered product) and from XLA otherwise. (The
+    from quantize_x's launch in q8_1 and q8_k (no other launch in the lowered product) and from XLA otherwise. (The
     interpreter adds exactly; the GPU's atomics also flush subnormal sums to zero.)"""
     rng = _rng("atomic", fmt, act, n)
     w = _weights(rng, fmt, (32, 1024))
@@ -157,7 +157,7 @@ def test_atomic_split_sums_are_the_split_sums_bit_for_bit(fmt, act, n, cfg):
     lowered = jax.jit(functools.partial(kernels.qmatvec_fast, act=act, config=atomic)).trace(w, x).lower(
         lowering_platforms=("cuda",)).as_text()
     assert "output_operand_alias" in lowered
-    if act == "q8_1":
+    if act in ("q8_1", "q8_k"):
         ops_ = re.findall(r"= stablehlo\.(\w+)", lowered)
         assert ops_.count("custom_call") == 2 and "reduce" not in ops_ and "add" not in ops_, sorted(set(ops_))
 

@@ -35,7 +35,7 @@ def config_for(fmt: str, act: str, n_tokens: int, rows: int | None = None, cols:
     integer modes: every format loads the next two chunks ahead (unroll 2; q6_k on long rows four), in the
     column splits of _one_token_ksplit (results/bench/prefetch-unrolled-h100.json; against no loads ahead
     in the same tiling, results/bench/matvec.json: q4_k 4096×14336 19.4 against 27.1 us, q6_k 26.4
-    against 58.0, q8_0 30.4 against 60.6); two splits add atomically into quantize_x's zeros (q8_1, q8_0:
+    against 58.0, q8_0 30.4 against 60.6); two splits add atomically into quantize_x's zeros (every integer mode; q8_1, q8_0:
     q4_k 4096×14336 18.7 us against 19.6 with the split-sum launch and 19.7 with XLA's zeros, q8_0 30.7
     against 31.3; not at 512 tokens, 551.3 against 519.9; results/bench/atomic-splits-h100.json).
     Float modes at one token: one value run per lane on every format (results/bench/float-lanes-h100.json:
@@ -70,9 +70,8 @@ def config_for(fmt: str, act: str, n_tokens: int, rows: int | None = None, cols:
     chunks = cols // CHUNK
     if n_tokens <= 1 and act not in FLOAT_ACTS:
         unroll = 4 if fmt == "q6_k" and chunks >= LONG_ROW else cfg.unroll
-        adds = act in ("q8_1", "q8_0")           # two splits can add atomically into quantize_x's zeros
-        ksplit = _one_token_ksplit(programs * matrices, chunks, unroll, 2 if adds and chunks < LONG_ROW else chunks)
-        return dataclasses.replace(cfg, unroll=unroll, ksplit=ksplit, atomic=adds and ksplit == 2)
+        ksplit = _one_token_ksplit(programs * matrices, chunks, unroll, 2 if chunks < LONG_ROW else chunks)
+        return dataclasses.replace(cfg, unroll=unroll, ksplit=ksplit, atomic=ksplit == 2)
     if cfg.tokens >= MIN_DOT and act not in FLOAT_ACTS:
         programs *= matrices
     return dataclasses.replace(cfg, ksplit=max(1, min(chunks // 2, -(-SMS * waves // programs))))
