@@ -35,9 +35,10 @@ def config_for(fmt: str, act: str, n_tokens: int, rows: int | None = None, cols:
     integer modes: every format loads the next two chunks ahead (unroll 2; q6_k on long rows four), in the
     column splits of _one_token_ksplit (results/bench/prefetch-unrolled-h100.json; against no loads ahead
     in the same tiling, results/bench/matvec.json: q4_k 4096×14336 19.4 against 27.1 us, q6_k 26.4
-    against 58.0, q8_0 30.4 against 60.6); two splits add atomically into quantize_x's zeros (every integer mode; q8_1, q8_0:
-    q4_k 4096×14336 18.7 us against 19.6 with the split-sum launch and 19.7 with XLA's zeros, q8_0 30.7
-    against 31.3; not at 512 tokens, 551.3 against 519.9; results/bench/atomic-splits-h100.json).
+    against 58.0, q8_0 30.4 against 60.6); two splits add atomically into quantize_x's zeros in every
+    integer mode (q4_k 4096×14336 18.7 us against 19.6 with the split-sum launch and 19.7 with XLA's
+    zeros, q8_0 30.7 against 31.3; not at 512 tokens, 551.3 against 519.9;
+    results/bench/atomic-splits-h100.json; q8_k 19.2 against 19.8, results/bench/fma-dot-tiles-h100.json).
     Float modes at one token: one value run per lane on every format (results/bench/float-lanes-h100.json:
     q8_0 4096×14336 44.3 us against 62.7 with 16 runs, 4096×2048 10.2 against 13.8; q6_k 49.0 against
     50.6, the Q6_K lm_head 221.4 against 226.2). Float modes at 2 to 8 tokens: 16 rows, 4 warps (q4_k
