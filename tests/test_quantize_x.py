@@ -1,6 +1,7 @@
 """numlab.kernels.quantize_x (Pallas' CPU interpreter): ggml's Q8_1 and Q8_K codes and scales, and bit for
 bit the XLA preparation they replace (qmatmul.prepare) on rows with NaN, infinities, zeros and ties."""
 import functools
+import itertools
 
 import chex
 import hypothesis.extra.numpy as hnp
@@ -43,17 +44,23 @@ def _as(codes, q):
     return q.astype(jnp.float32) if codes == "f32" else q
 
 
+def _assert_every_form_is_prepares(variant, quantize, act, x, majors):
+    """quantize(x) in every code form (and scale order in majors) has the bits of prepare(x, act)."""
+    want = qm.prepare(x, act)
+    rows, cols = x.shape
+    for codes, major in itertools.product(qx.CODES, majors):
+        got = variant(functools.partial(quantize, codes=codes, interpret=True, group_major=major))(x)
+        scales = [(a.shape[1], rows) if major else a.shape for a in want[1:]]
+        chex.assert_shape(got, [(rows, cols // 4 if codes == "words" else cols)] + scales)
+        for g, w in zip(got, (_as(codes, want[0]),) + tuple(a.T if major else a for a in want[1:])):
+            np.testing.assert_array_equal(_bits(g), _bits(w))
+
+
 class TestEqualsPrepare(chex.TestCase):
 
     @chex.variants(with_jit=True, without_jit=True)
     def test_every_code_form(self):
-        x = _special_rows()
-        want = qm.prepare(x, "q8_1")
-        for codes in qx.CODES:
-            got = self.variant(functools.partial(qx.q8_blocks, codes=codes, interpret=True))(x)
-            chex.assert_shape(got, [(3, 1024 // 4 if codes == "words" else 1024), (3, 32), (3, 32)])
-            for g, w in zip(got, (_as(codes, want[0]),) + want[1:]):
-                np.testing.assert_array_equal(_bits(g), _bits(w))
+        _assert_every_form_is_prepares(self.variant, qx.q8_blocks, "q8_1", _special_rows(), (False,))
 
     def test_groups_per_program_do_not_change_a_bit(self):
         x = _special_rows()
@@ -112,16 +119,7 @@ class TestQ8KEqualsPrepare(chex.TestCase):
 
     @chex.variants(with_jit=True, without_jit=True)
     def test_every_code_form_and_scale_order(self):
-        x = _q8_k_rows()
-        want = qm.prepare(x, "q8_k")
-        for codes in qx.CODES:
-            for major in (False, True):
-                got = self.variant(functools.partial(qx.q8_k_blocks, codes=codes, interpret=True,
-                                                     group_major=major))(x)
-                chex.assert_shape(got, [(3, 2048 // 4 if codes == "words" else 2048), (8, 3) if major else (3, 8),
-                                        (64, 3) if major else (3, 64)])
-                for g, w in zip(got, (_as(codes, want[0]),) + tuple(a.T if major else a for a in want[1:])):
-                    np.testing.assert_array_equal(_bits(g), _bits(w))
+        _assert_every_form_is_prepares(self.variant, qx.q8_k_blocks, "q8_k", _q8_k_rows(), (False, True))
 
     def test_ties_round_half_to_even_and_zeros_beside(self):
         x = _q8_k_rows()
