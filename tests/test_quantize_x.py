@@ -106,13 +106,14 @@ def _normal_scales(x, block):
 
 
 def _q8_k_rows():
-    """_special_rows and their mirror image negated (blocks whose first largest |x| is negative), and a
-    block of ties for q8_k: its first largest |x| is -127 (iscale = 1), the rest k + 1/2 and -(k + 1/2)."""
+    """_special_rows and their mirror image negated (blocks whose first largest |x| is negative), a block
+    of ties for q8_k (its first largest |x| is -127, iscale = 1, the rest k + 1/2 and -(k + 1/2)) and one
+    whose largest |x| comes as -1 then +1 (codes -127 and 127)."""
     x = _special_rows()
     ties = np.concatenate([[-127.0], np.arange(255) % 16 - 7.5]).astype(np.float32)
     ties[1::2] *= -1
     x = jnp.concatenate([x, -x[:, ::-1]], axis=1)
-    return x.at[0, :256].set(ties)
+    return x.at[0, :256].set(ties).at[1, 256:258].set([-1.0, 1.0])
 
 
 class TestQ8KEqualsPrepare(chex.TestCase):
@@ -126,6 +127,7 @@ class TestQ8KEqualsPrepare(chex.TestCase):
         q, d, sums, z = jax.jit(functools.partial(qx.q8_k_blocks, interpret=True, zeros=9))(x)
         assert float(d[0, 0]) == 1.0
         np.testing.assert_array_equal(np.asarray(q[0, :6]), [-127, 8, -6, 6, -4, 4])
+        np.testing.assert_array_equal(np.asarray(q[1, 256:258]), [-127, 127])
         np.testing.assert_array_equal(np.asarray(sums[0, :2]), np.asarray(q[0, :64]).reshape(2, 32).sum(1))
         np.testing.assert_array_equal(np.asarray(z), np.zeros(9, np.float32))
 
