@@ -113,7 +113,7 @@ def _q8_k_rows():
     ties = np.concatenate([[-127.0], np.arange(255) % 16 - 7.5]).astype(np.float32)
     ties[1::2] *= -1
     x = jnp.concatenate([x, -x[:, ::-1]], axis=1)
-    return x.at[0, :256].set(ties).at[1, 256:258].set([-1.0, 1.0])
+    return x.at[0, :256].set(ties).at[1, 256:258].set(np.float32([-1, 1]))
 
 
 class TestQ8KEqualsPrepare(chex.TestCase):
