@@ -155,13 +155,11 @@ def kernel_inputs(x, fmt: str, act: str, cfg: Config, interpret: bool = False, z
     words = uses_words(fmt, act, cfg, x.shape[-1])
     fma = act not in FLOAT_ACTS and cfg.tokens < MIN_DOT and not words
     group_major = act not in FLOAT_ACTS and cfg.tokens >= MIN_DOT
-    if act in ("q8_1", "q8_0") and cfg.x_kernel:
-        xs = quantize_x.q8_blocks(x, "words" if words else "f32" if fma else "int8", interpret=interpret,
-                                  group_major=group_major, zeros=zeros)
+    if act not in FLOAT_ACTS and cfg.x_kernel:
+        quantize = quantize_x.q8_k_blocks if act == "q8_k" else quantize_x.q8_blocks
+        xs = quantize(x, "words" if words else "f32" if fma else "int8", interpret=interpret,
+                      group_major=group_major, zeros=zeros)
         return xs[:2] + (min_planes(xs[2]),) + xs[3:] if min_dot(fmt, act, cfg) else xs
-    if act == "q8_k" and cfg.x_kernel:
-        return quantize_x.q8_k_blocks(x, "words" if words else "f32" if fma else "int8", interpret=interpret,
-                                      group_major=group_major, zeros=zeros)
     return _prepared(x, fmt, act, cfg, words, fma, group_major) + ((jnp.zeros((zeros,), jnp.float32),) if zeros else ())
 
 
