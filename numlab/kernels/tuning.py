@@ -50,7 +50,8 @@ def config_for(fmt: str, act: str, n_tokens: int, rows: int | None = None, cols:
     warps against 522.9 at 64 × 64 unsplit, bytes 567.4 at 64 × 128,
     results/bench/dot-words-h100-first-run.json; 8 tokens 47.1 against 52.0 on bytes; MUL_MAT_ID at 16
     tokens per expert, 256 tokens, 222.6 against 252.0, moe.json of 101e0dd; earlier sweep:
-    results/bench/dot-tiles.json)."""
+    results/bench/dot-tiles.json); three pipeline stages (that kernel on an H200: 431.8 us against 433.8
+    with four and 452.3 with two, results/bench/f16-dot-tiles-h200.json)."""
     waves = WAVES
     if n_tokens <= 1:
         integer = act not in FLOAT_ACTS
