@@ -2,7 +2,6 @@
 capture, the mix mechanism (mix=0 is the reference run, mix=1 the low run, exactly; gradients and
 vmap over mix), forced experts, rule locality, and compile time that does not grow with depth."""
 import dataclasses
-import time
 
 import chex
 import jax
@@ -183,16 +182,14 @@ def _deeper(model: Model, n_layers: int) -> Model:
 
 
 def test_compile_cost_does_not_grow_with_depth(tiny):
-    costs = {}
+    """Layers run in one scanned loop: the lowered and the optimized programs barely grow from 2 to 8 layers."""
+    sizes = {}
     for layers in (2, 8):
         model = _deeper(tiny, layers)
-        fn = jax.jit(lambda mdl, t: forward(mdl, t, "f32").logits)
-        t0 = time.process_time()
-        lowered = fn.lower(model, TOKENS)
-        lowered.compile()
-        costs[layers] = (time.process_time() - t0, len(lowered.as_text()))
-    assert costs[8][1] < 1.3 * costs[2][1], costs
-    assert costs[8][0] < 2 * costs[2][0], costs
+        lowered = jax.jit(lambda mdl, t: forward(mdl, t, "f32").logits).lower(model, TOKENS)
+        sizes[layers] = (len(lowered.as_text()), len(lowered.compile().as_text()))
+    assert sizes[8][0] < 1.3 * sizes[2][0], sizes
+    assert sizes[8][1] < 1.3 * sizes[2][1], sizes
 
 
 def test_site_list_follows_the_config(tiny):
