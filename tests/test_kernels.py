@@ -64,7 +64,7 @@ FMTS = ("q4_k", "q5_k", "q6_k", "q8_0")
 # replace (words=False) is checked on q4_k, q6_k and q8_0, loading a chunk ahead (prefetch) on every
 # format; integer-mode activations quantized by XLA (x_kernel=False) rather than quantize_x's kernels on three.
 # Dot tiles read q4_k / q5_k as words (q8_1: the min term in one dot); their byte path on both, in both
-# modes, and their words a chunk ahead.
+# modes, and their words a chunk ahead. The word kernels with sums per word (lane_sums) on q4_k, q5_k, q8_0.
 CASES = ([(f, "f32", 1, qm.Config(rows=8, tokens=1, ksplit=2)) for f in FMTS]
          + [(f, "f32", 1, qm.Config(rows=16, tokens=1, lane_runs=1)) for f in ("q6_k", "q8_0")]
          + [(f, "q8_1", 1, qm.Config(rows=16, tokens=1, unroll=2)) for f in FMTS]
@@ -85,13 +85,16 @@ CASES = ([(f, "f32", 1, qm.Config(rows=8, tokens=1, ksplit=2)) for f in FMTS]
          + [("q5_k", "q8_1", 17, qm.Config(rows=16, tokens=16, x_kernel=False))]
          + [(f, a, 17, qm.Config(rows=16, tokens=16, words=False)) for f, a in (("q4_k", "q8_1"), ("q5_k", "q8_1"),
                                                                                ("q5_k", "q8_k"))]
-         + [(f, a, 17, qm.Config(rows=16, tokens=16, prefetch=True)) for f, a in (("q4_k", "q8_k"), ("q5_k", "q8_1"))])
+         + [(f, a, 17, qm.Config(rows=16, tokens=16, prefetch=True)) for f, a in (("q4_k", "q8_k"), ("q5_k", "q8_1"))]
+         + [(f, a, n, qm.Config(rows=r, tokens=n, unroll=2, prefetch=True, lane_sums=True, ksplit=k, atomic=k == 2))
+            for f, a, n, r, k in (("q4_k", "q8_1", 1, 16, 2), ("q5_k", "q8_1", 1, 32, 1), ("q4_k", "q8_k", 2, 16, 1),
+                                  ("q5_k", "q8_k", 1, 32, 2), ("q8_0", "q8_1", 1, 16, 1), ("q8_0", "q8_0", 2, 32, 2))])
 
 
 def _case_id(fmt, act, n, cfg):
     return (f"{fmt}-{act}-{n}" + ("" if cfg.words else "-bytes") + ("-prefetch" if cfg.prefetch else "")
             + ("" if cfg.x_kernel else "-xla-quantized") + ("-lanes1" if cfg.lane_runs == 1 else "")
-            + (f"-ksplit{cfg.ksplit}" if cfg.ksplit > 1 else ""))
+            + (f"-ksplit{cfg.ksplit}" if cfg.ksplit > 1 else "") + ("-lane-sums" if cfg.lane_sums else ""))
 
 
 @pytest.mark.parametrize("fmt,act,n,cfg", CASES, ids=[_case_id(*case) for case in CASES])

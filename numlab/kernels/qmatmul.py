@@ -61,7 +61,10 @@ class Config:
     activations quantized by one Pallas kernel (numlab.kernels.quantize_x), else by XLA (prepare);
     atomic: two column splits add their partial sums into zeros (atomic float32 adds: 0 + a + b is the
     same float in either order), no launch to sum them; at most two splits. The GPU's atomic adds flush
-    subnormal sums to +0 (H100, results/bench/atomic-splits-h100.json): below 2^-126, not a rounding."""
+    subnormal sums to +0 (H100, results/bench/atomic-splits-h100.json): below 2^-126, not a rounding;
+    lane_sums: the word kernels below 16 tokens on q4_k / q5_k / q8_0 keep float sums per code word (q8_0)
+    or per four words (q4_k / q5_k), the scales applied per group, reduced across threads once at the
+    store instead of per chunk (sums in another order: float rounding)."""
 
     rows: int = 16
     tokens: int = 1
@@ -75,6 +78,7 @@ class Config:
     prefetch: bool = False
     x_kernel: bool = True
     atomic: bool = False
+    lane_sums: bool = False
 
     def check(self):
         for name in ("rows", "tokens"):
@@ -599,7 +603,7 @@ def _int_words(fmt, cfg, cols, act, interpret):
     words [R, 4, 8] give with x's code words the dots of groups 2c and 2c + 1 (q4_k / q5_k: low and
     high nibbles of run c; q8_0: the blocks of pair c) four codes per dp4a; q6_k: of its half groups
     from [R, 4, 2, 4 + 1] words, x's words shifted to meet them (see q6_k_x); then the reference's
-    scaling (as _int_fma's). Returns
+    scaling (as _int_fma's), or Config.lane_sums' sums per word (see lane_sums). Returns
     (load, compute, accumulators, store): load(w_ref, x_refs, base, c, xrow) reads chunk c's words and
     x's, compute(loaded, acc) adds the chunk to the accumulators."""
     n_x32, n_w = cols // GROUP, cols // 4
@@ -608,6 +612,9 @@ def _int_words(fmt, cfg, cols, act, interpret):
     s4, f2, k4 = _iota((1, 4, 1, 1), 1), _iota((1, 1, 2, 1), 2), _iota((1, 1, 1, 4), 3)
     whole_words = cols % (2 * CHUNK) == 0       # q6_k rows of whole words: one shift per chunk
     toks = range(cfg.tokens)
+    lanes = cfg.lane_sums and fmt != "q6_k"
+    if lanes and fmt != "q8_0":                 # a run's words as [2, 4]: one thread's vector of four, summed in it
+        c4, m8 = _iota((1, 4, 1, 1), 1), 4 * _iota((1, 1, 2, 1), 2) + _iota((1, 1, 1, 4), 3)
 
     def load(w_ref, x_refs, base, c, xrow):
         xq_ref, dx_ref = x_refs[:2]
@@ -624,7 +631,7 @@ def _int_words(fmt, cfg, cols, act, interpret):
             dx = [dx_ref[xrow(t) * (cols // CHUNK) + c] for t in toks]
         else:
             dx = [[dx_ref[i] for i in row] for row in x32]
-        wb = (base >> 2)[:, None, None]
+        wb = (base >> 2).reshape((-1,) + (1,) * (c4.ndim - 1))
         if fmt == "q8_0":
             return xw, dx, None, layouts.q8_0_word_load(w_ref, wb, c4, m8)
         mx = [[x_refs[2][i] for i in row] for row in x32]
@@ -666,16 +673,39 @@ def _int_words(fmt, cfg, cols, act, interpret):
             out.append(a + _chunk_scale(act, d.reshape(cfg.rows), None, bi, 0, dx[t] if act == "q8_k" else None))
         return tuple(out)
 
+    def lane_sums(groups, xw, dx, mx, acc):
+        """Config.lane_sums: one token's chunk added into float sums per code word (q8_0, acc [R, 4, 8]) or
+        per four words (k-quants, acc ([R, 4, 2, 1], the min term's [R, 4, 1, 1])), scaled per group."""
+        if fmt == "q8_0":
+            return acc + sum((grp.d * dx[p]) * _small_int_f32(_dp4a(grp.codes, xw[p], interpret))
+                             for p, grp in enumerate(groups))
+        dxs = [dx] * len(PARTS) if act == "q8_k" else dx          # q8_k: one x scale per chunk, integer group sums
+        mxs = [dx * _small_int_f32(m) for m in mx] if act == "q8_k" else mx
+        dots, mins = acc
+        for grp, x, d, m in zip(groups, xw, dxs, mxs):
+            isum = jnp.sum(_dp4a(grp.codes, x, interpret), axis=3, keepdims=True, dtype=jnp.int32)
+            dots = dots + (grp.d * d * _small_int_f32(grp.isc)) * _small_int_f32(isum)
+            mins = mins + (grp.dmin * _small_int_f32(grp.imin)) * m
+        return dots, mins
+
+    def lane_store(o_ref, acc):
+        _store_rows(o_ref, [jnp.sum(a, axis=(1, 2)) if fmt == "q8_0"
+                            else jnp.sum(a[0], axis=(1, 2, 3)) - jnp.sum(a[1], axis=(1, 2, 3)) for a in acc])
+
     def compute(loaded, acc):
         if fmt == "q6_k":
             return q6_k_compute(loaded, acc)
         xw, dx, mx, words = loaded
         if fmt == "q8_0":
             groups = layouts.q8_0_word_groups(*words, c4)
+            if lanes:
+                return tuple(lane_sums(groups, xw[t], dx[t], None, a) for t, a in enumerate(acc))
             return tuple(a + sum(jnp.sum((grp.d * dx[t][p]) * _small_int_f32(
                 jnp.sum(_dp4a(grp.codes, xw[t][p], interpret), axis=2, keepdims=True, dtype=jnp.int32)), axis=(1, 2))
                 for p, grp in enumerate(groups)) for t, a in enumerate(acc))
         groups = layouts.word_groups(*words, c4)
+        if lanes:
+            return tuple(lane_sums(groups, xw[t], dx[t], mx[t], a) for t, a in enumerate(acc))
         bi, bm = [0] * cfg.tokens, [0] * cfg.tokens
         for t in toks:
             for p, grp in enumerate(groups):
@@ -690,5 +720,8 @@ def _int_words(fmt, cfg, cols, act, interpret):
         return tuple(a + _chunk_scale(act, d, dmin, bi[t], bm[t], dx[t] if act == "q8_k" else None)
                      for t, a in enumerate(acc))
 
-    zeros = tuple(jnp.zeros((cfg.rows,), jnp.float32) for _ in toks)
-    return load, compute, zeros, _store_rows
+    if not lanes:
+        return load, compute, tuple(jnp.zeros((cfg.rows,), jnp.float32) for _ in toks), _store_rows
+    zeros = (jnp.zeros((cfg.rows, 4, 8), jnp.float32) if fmt == "q8_0" else
+             (jnp.zeros((cfg.rows, 4, 2, 1), jnp.float32), jnp.zeros((cfg.rows, 4, 1, 1), jnp.float32)))
+    return load, compute, (zeros,) * cfg.tokens, lane_store
