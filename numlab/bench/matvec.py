@@ -156,10 +156,22 @@ def _rel_err(y, ref, w_deq, x) -> float:
     return float(jnp.where(jnp.all(jnp.isfinite(y)), jnp.max(err), jnp.inf))
 
 
-def figures(case: Case, t: dict, copy_bw: float, moved: float | None = None, flops: float | None = None) -> dict:
+def read_rate(nbytes: int, rows: int, calls: int, repeats: int) -> float:
+    """Bytes/s that XLA's int32 row sum reads from [rows, nbytes / 4 / rows] arrays rotated past the L2
+    (copies_for), from device time where there is one: a read-only ceiling for a matvec whose packed
+    weights take nbytes (at 64 MB on the H100 1.26 of the copy bandwidth, results/bench/read-ceiling-h100.json)."""
+    words = max(1, nbytes // 4 // rows)
+    arrays = [jnp.full((rows, words), i, jnp.int32) for i in range(copies_for(nbytes, calls))]
+    t = time_calls(jax.jit(lambda a: jnp.sum(a, axis=1)), [(a,) for a in arrays], calls, repeats)
+    return 4 * rows * words / (t["device_s"] or t["wall_s"])
+
+
+def figures(case: Case, t: dict, copy_bw: float, moved: float | None = None, flops: float | None = None,
+            read_bw: float | None = None) -> dict:
     """Device and wall time per product, bandwidth and rate (from device time where there is one),
-    their ratios to the copy bandwidth and to ggml. moved, flops: default one [rows, cols] matrix's
-    packed bytes plus float32 activations and outputs, and 2·rows·cols·n."""
+    their ratios to the copy bandwidth and to ggml; with read_bw (read_rate's) the packed weights' read
+    rate as a fraction of it. moved, flops: default one [rows, cols] matrix's packed bytes plus float32
+    activations and outputs, and 2·rows·cols·n."""
     seconds = t["device_s"] or t["wall_s"]
     moved = moved or case.weight_bytes + 4 * case.n * (case.cols + case.rows)
     flops = flops or 2 * case.rows * case.cols * case.n
@@ -169,6 +181,7 @@ def figures(case: Case, t: dict, copy_bw: float, moved: float | None = None, flo
             "of_copy_bandwidth": moved / seconds / copy_bw,
             "tflop_per_s": flops / seconds / 1e12,
             "ggml_us": ggml_us, "ggml_over_ours": None if ggml_us is None else ggml_us * 1e-6 / seconds,
+            "weights_of_read_rate": None if read_bw is None else case.weight_bytes / seconds / read_bw,
             **{k: t[k] for k in ("trace_lines", "trace_error", "kernels_us_per_call") if k in t}}
 
 
@@ -200,8 +213,8 @@ def dequantizer(fmt: str):
 
 
 def measure(case: Case, fn, ws: list, xs: list, calls: int, repeats: int, copy_bw: float,
-            check: bool = True, hot: bool = False) -> dict:
-    """Check against the reference (optional) and time fn; errors are recorded, not raised."""
+            check: bool = True, hot: bool = False, read_bw: float | None = None) -> dict:
+    """Check against the reference (optional) and time fn (figures); errors are recorded, not raised."""
     entry = {}
     try:
         t0 = time.perf_counter()
@@ -213,9 +226,10 @@ def measure(case: Case, fn, ws: list, xs: list, calls: int, repeats: int, copy_b
             entry["max_err_over_scale"] = _rel_err(y, ref, w_deq, xs[0])
             entry["ok"] = bool(entry["max_err_over_scale"] <= CHECK_RTOL)
         cold = [(ws[i % len(ws)], xs[i % len(xs)]) for i in range(max(len(ws), len(xs)))]
-        entry["cold"] = figures(case, time_calls(fn, cold, calls, repeats), copy_bw)
+        entry["cold"] = figures(case, time_calls(fn, cold, calls, repeats), copy_bw, read_bw=read_bw)
         if hot:
-            entry["hot"] = figures(case, time_calls(fn, [(ws[0], x) for x in xs], calls, repeats), copy_bw)
+            entry["hot"] = figures(case, time_calls(fn, [(ws[0], x) for x in xs], calls, repeats), copy_bw,
+                                   read_bw=read_bw)
     except Exception as e:  # a kernel that fails to compile or run is a result, not the end of the run
         entry["error"] = f"{type(e).__name__}: {e}"[:2000]
         entry["traceback"] = traceback.format_exc()[-4000:]
@@ -242,18 +256,20 @@ class Sweep:
         kw, kx = jax.random.split(key)
         self.ws = random_weights(kw, case.fmt, copies, case.rows, case.cols)
         self.xs = [jax.random.normal(jax.random.fold_in(kx, i), (case.n, case.cols), jnp.float32) for i in range(8)]
+        self.read_bw = read_rate(case.weight_bytes, case.rows, self.calls, repeats)
         self.out = {"case": dataclasses.asdict(case), "weight_bytes": case.weight_bytes, "copies": copies,
-                    "calls_per_timing": self.calls, "reference": None, "variants": []}
+                    "calls_per_timing": self.calls, "read_rate_bytes_per_s": self.read_bw,
+                    "read_rate_of_copy_bandwidth": self.read_bw / copy_bw, "reference": None, "variants": []}
 
     def reference(self):
         self.out["reference"] = measure(self.case, reference_product(self.case), self.ws, self.xs, self.calls,
-                                        self.repeats, self.copy_bw, check=False)
+                                        self.repeats, self.copy_bw, check=False, read_bw=self.read_bw)
         self.log(f"{self.case.name}: reference {_brief(self.out['reference'])}")
 
     def variant(self, i: int):
         cfg = self.configs[i]
         e = measure(self.case, kernel_product(self.case, cfg), self.ws, self.xs, self.calls, self.repeats,
-                    self.copy_bw, hot=(i == 0 and self.case.n == 1))
+                    self.copy_bw, hot=(i == 0 and self.case.n == 1), read_bw=self.read_bw)
         e["config"] = config_dict(cfg)
         self.out["variants"].append(e)
         self.log(f"{self.case.name}: {cfg} -> {_brief(e)}")
@@ -295,8 +311,9 @@ def _brief(e: dict) -> str:
     dev = "n/a" if c["device_us"] is None else f"{c['device_us']:.1f}"
     ggml = "" if c["ggml_over_ours"] is None else f", ggml/ours {c['ggml_over_ours']:.2f}"
     check = "" if "ok" not in e else f", ok={e['ok']} err={e['max_err_over_scale']:.2g}"
+    read = "" if c.get("weights_of_read_rate") is None else f", weights at {c['weights_of_read_rate']:.2f} of read"
     return (f"device {dev} us, wall {c['wall_us']:.1f} us, {c['gb_per_s']:.0f} GB/s "
-            f"({c['of_copy_bandwidth']:.2f} of copy), {c['tflop_per_s']:.2f} TFLOP/s{ggml}{check}")
+            f"({c['of_copy_bandwidth']:.2f} of copy{read}), {c['tflop_per_s']:.2f} TFLOP/s{ggml}{check}")
 
 
 def tiling(rows, tokens=1, ksplit=1, unroll=1, warps=4, stages=3, dot="f32", lane_runs=0, words=True,
@@ -479,7 +496,7 @@ def table(result: dict) -> str:
     """One line per case: reference, first variant (the tuned config), best kernel and ggml times
     (device us), ratios."""
     lines = [f"{'case':60s} {'xla us':>9s} {'tuned us':>9s} {'best us':>9s} {'ggml us':>8s} {'ggml/best':>9s} "
-             f"{'of copy':>7s}"]
+             f"{'of copy':>7s} {'of read':>7s}"]
     for c in result["cases"]:
         case = Case(**c["case"])
         ref = c.get("reference") or {}
@@ -489,6 +506,8 @@ def table(result: dict) -> str:
         g = ggml_time_us(case)
         ratio = f"{g / b:9.2f}" if g and best else " " * 9
         frac = f"{best['cold']['of_copy_bandwidth']:7.2f}" if best else " " * 7
+        read = best["cold"].get("weights_of_read_rate") if best else None
+        frac += f" {read:7.2f}" if read is not None else " " * 8
         first = (c.get("variants") or [{}])[0]
         f = _us(first) if first.get("ok") and "cold" in first else float("nan")
         lines.append(f"{case.name:60s} {r:9.1f} {f:9.1f} {b:9.1f} {(g or float('nan')):8.1f} {ratio} {frac}")
