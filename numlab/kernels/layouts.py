@@ -237,10 +237,12 @@ def _f16_bits(bits):
 def word_load(fmt: str, ref, wb, c4, m8):
     """The words of the q4_k / q5_k super-blocks at word offsets wb int32 [R, 1, 1] of the int32 ref:
     the four header words (d | dmin, the 12 scale bytes) [R, 1, 1] each, q5_k's fifth-bit words
-    [R, 1, 8] (else None) and the 32 code words [R, 4, 8] (c4 [1, 4, 1] and m8 [1, 1, 8] index runs
-    and words), loaded last: see decode."""
+    [R, 4, 8] (the same 8 for every run, loaded in the code words' shape: as [R, 1, 8] Triton converts
+    their layout through shared memory, a barrier per chunk; else None) and the 32 code words [R, 4, 8]
+    (c4 [1, 4, 1] and m8 [1, 1, 8] index runs and words; Config.lane_sums: [1, 4, 1, 1], [1, 1, 2, 4]
+    and wb [R, 1, 1, 1]), loaded last: see decode."""
     head = [ref[wb + k] for k in range(4)]
-    qh = ref[wb + 4 + m8] if fmt == "q5_k" else None
+    qh = ref[wb + 4 + m8 + 0 * c4] if fmt == "q5_k" else None
     return head, qh, ref[wb + _QS_WORD[fmt] + 8 * c4 + m8]
 
 
