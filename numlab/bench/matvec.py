@@ -352,7 +352,7 @@ def tuned_first(case: Case, configs, tokens_per_matrix: int | None = None, matri
     out = [tuned]
     if qm.uses_words(case.fmt, case.act, tuned, case.cols):
         if case.fmt != "q6_k":
-            out += [dataclasses.replace(tuned, lane_sums=True, rows=r) for r in sorted({tuned.rows, 32})]
+            out += [dataclasses.replace(tuned, lane_sums=True, rows=r) for r in (16, 32)]
         out.append(dataclasses.replace(tuned, words=False, prefetch=False))
         if tuned.tokens == 1:
             out.append(dataclasses.replace(tuned, prefetch=not tuned.prefetch))
@@ -374,6 +374,7 @@ def default_cases():
     cases.append((Case("q4_k", *big, 1, "q8_k"), ONE_TOKEN[:3]))
     two_byte = ONE_TOKEN[:4] + [tiling(32, ksplit=4, lane_runs=1), tiling(64, ksplit=4)]
     cases += [(Case(fmt, *big, 1, act), two_byte) for fmt in ("q6_k", "q8_0") for act in ("q8_1", "f32")]
+    cases += [(Case(fmt, *big, 4, "q8_1"), []) for fmt in ("q4_k", "q8_0")]
     cases += [(Case("q4_k", *big, 8, "q8_1"), FEW_TOKENS_INT), (Case("q4_k", *big, 8, "f32"), FEW_TOKENS_FLOAT),
               (Case("q4_k", *big, 512, "q8_1"), MANY_TOKENS_INT), (Case("q4_k", *big, 512, "f32"), MANY_TOKENS_FLOAT)]
     cases += [(Case("q4_k", 4096, 2048, 1, act), ONE_TOKEN[:4]) for act in ("q8_1", "f32")]
