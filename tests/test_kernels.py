@@ -64,7 +64,7 @@ FMTS = ("q4_k", "q5_k", "q6_k", "q8_0")
 # replace (words=False) is checked on q4_k, q6_k and q8_0, loading a chunk ahead (prefetch) on every
 # format; integer-mode activations quantized by XLA (x_kernel=False) rather than quantize_x's kernels on three.
 # Dot tiles read q4_k / q5_k as words (q8_1: the min term in one dot); their byte path on both, in both
-# modes, and their words a chunk ahead. The word kernels with sums per word (lane_sums) on q4_k, q5_k, q8_0.
+# modes, and their words a chunk ahead. The word kernels with sums per word (lane_sums) on every format.
 CASES = ([(f, "f32", 1, qm.Config(rows=8, tokens=1, ksplit=2)) for f in FMTS]
          + [(f, "f32", 1, qm.Config(rows=16, tokens=1, lane_runs=1)) for f in ("q6_k", "q8_0")]
          + [(f, "q8_1", 1, qm.Config(rows=16, tokens=1, unroll=2)) for f in FMTS]
@@ -88,7 +88,8 @@ CASES = ([(f, "f32", 1, qm.Config(rows=8, tokens=1, ksplit=2)) for f in FMTS]
          + [(f, a, 17, qm.Config(rows=16, tokens=16, prefetch=True)) for f, a in (("q4_k", "q8_k"), ("q5_k", "q8_1"))]
          + [(f, a, n, qm.Config(rows=r, tokens=n, unroll=2, prefetch=True, lane_sums=True, ksplit=k, atomic=k == 2))
             for f, a, n, r, k in (("q4_k", "q8_1", 1, 16, 2), ("q5_k", "q8_1", 1, 32, 1), ("q4_k", "q8_k", 2, 16, 1),
-                                  ("q5_k", "q8_k", 1, 32, 2), ("q8_0", "q8_1", 1, 16, 1), ("q8_0", "q8_0", 2, 32, 2))])
+                                  ("q5_k", "q8_k", 1, 32, 2), ("q8_0", "q8_1", 1, 16, 1), ("q8_0", "q8_0", 2, 32, 2),
+                                  ("q6_k", "q8_1", 1, 16, 2), ("q6_k", "q8_k", 2, 32, 1))])
 
 
 def _case_id(fmt, act, n, cfg):
@@ -109,7 +110,9 @@ def test_kernel_equals_reference(fmt, act, n, cfg):
 @pytest.mark.parametrize("cols,act,cfg", [(768, "q8_1", qm.Config(rows=16, tokens=1)),
                                           (768, "q8_k", qm.Config(rows=16, tokens=2, ksplit=3, prefetch=True)),
                                           (1536, "q8_1", qm.Config(rows=16, tokens=1, ksplit=2, prefetch=True)),
-                                          (1536, "q8_k", qm.Config(rows=16, tokens=2, ksplit=2))])
+                                          (1536, "q8_k", qm.Config(rows=16, tokens=2, ksplit=2)),
+                                          (768, "q8_1", qm.Config(rows=16, tokens=1, lane_sums=True)),
+                                          (1536, "q8_k", qm.Config(rows=16, tokens=2, ksplit=2, lane_sums=True))])
 def test_q6_k_words_in_odd_super_blocks(cols, act, cfg):
     """q6_k's 210-byte super-blocks as words, the odd ones starting mid-word: x shifted to meet them
     where a row holds an even number (here a column split starts on one), the weight words rebuilt

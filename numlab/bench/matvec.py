@@ -342,8 +342,8 @@ MANY_TOKENS_FLOAT = [tiling(64, tokens=32, warps=8), tiling(32, tokens=16, warps
 
 def tuned_first(case: Case, configs, tokens_per_matrix: int | None = None, matrices: int = 1) -> list:
     """numlab.kernels.tuning's config for the case (what the model runs) first; below 16 tokens in an
-    integer mode on the word formats also it with sums per word (lane_sums; at 16 and 32 rows, q6_k
-    aside), on bytes (words=False), for one token with prefetch flipped, with the split
+    integer mode on the word formats also it with sums per word (lane_sums, at 16 and 32 rows), on
+    bytes (words=False), for one token with prefetch flipped, with the split
     sum after the kernel where it adds atomically, and q8_k with x quantized by XLA; dot tiles
     that can read words (qmatmul.dot_words) also with words flipped; then configs (tokens_per_matrix,
     matrices: the tuning's token count, default case.n, and matrices per launch)."""
@@ -351,8 +351,7 @@ def tuned_first(case: Case, configs, tokens_per_matrix: int | None = None, matri
     tuned = tuning.config_for(case.fmt, case.act, tokens_per_matrix or case.n, case.rows, case.cols, matrices)
     out = [tuned]
     if qm.uses_words(case.fmt, case.act, tuned, case.cols):
-        if case.fmt != "q6_k":
-            out += [dataclasses.replace(tuned, lane_sums=True, rows=r) for r in (16, 32)]
+        out += [dataclasses.replace(tuned, lane_sums=True, rows=r) for r in (16, 32)]
         out.append(dataclasses.replace(tuned, words=False, prefetch=False))
         if tuned.tokens == 1:
             out.append(dataclasses.replace(tuned, prefetch=not tuned.prefetch))

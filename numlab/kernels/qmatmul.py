@@ -62,9 +62,9 @@ class Config:
     atomic: two column splits add their partial sums into zeros (atomic float32 adds: 0 + a + b is the
     same float in either order), no launch to sum them; at most two splits. The GPU's atomic adds flush
     subnormal sums to +0 (H100, results/bench/atomic-splits-h100.json): below 2^-126, not a rounding;
-    lane_sums: the word kernels below 16 tokens on q4_k / q5_k / q8_0 keep float sums per code word (q8_0)
-    or per four words (q4_k / q5_k), the scales applied per group, reduced across threads once at the
-    store instead of per chunk (sums in another order: float rounding)."""
+    lane_sums: the word kernels below 16 tokens keep float sums per code word (q8_0), per four words
+    (q4_k / q5_k) or per half group (q6_k), the scales applied there, reduced across threads once at
+    the store instead of per chunk (sums in another order: float rounding)."""
 
     rows: int = 16
     tokens: int = 1
@@ -612,8 +612,8 @@ def _int_words(fmt, cfg, cols, act, interpret):
     s4, f2, k4 = _iota((1, 4, 1, 1), 1), _iota((1, 1, 2, 1), 2), _iota((1, 1, 1, 4), 3)
     whole_words = cols % (2 * CHUNK) == 0       # q6_k rows of whole words: one shift per chunk
     toks = range(cfg.tokens)
-    lanes = cfg.lane_sums and fmt != "q6_k"
-    if lanes and fmt != "q8_0":                 # a run's words as [2, 4]: one thread's vector of four, summed in it
+    lanes = cfg.lane_sums
+    if lanes and fmt in ("q4_k", "q5_k"):                 # a run's words as [2, 4]: one thread's vector of four, summed in it
         c4, m8 = _iota((1, 4, 1, 1), 1), 4 * _iota((1, 1, 2, 1), 2) + _iota((1, 1, 1, 4), 3)
 
     def load(w_ref, x_refs, base, c, xrow):
@@ -667,15 +667,19 @@ def _int_words(fmt, cfg, cols, act, interpret):
                 dots = jnp.sum(_dp4a(codes, xm, interpret), axis=3, keepdims=True, dtype=jnp.int32) - 32 * xsum
                 if after is not None:
                     dots = dots + _dp4a(after, xa, interpret)                         # [R, 4, 2, 1] half groups
+                if lanes:                         # Config.lane_sums: a float sum per half group
+                    a = a + (d * (dx[t] if act == "q8_k" else dx[t][p]) * _small_int_f32(sc)) * _small_int_f32(dots)
+                    continue
                 isum = jnp.sum(sc * dots, axis=(2, 3), keepdims=True, dtype=jnp.int32)  # [R, 4, 1, 1] groups
                 bi = bi + (jnp.sum(isum, axis=(1, 2, 3), dtype=jnp.int32) if act == "q8_k"
                            else jnp.sum(dx[t][p] * isum.astype(jnp.float32), axis=(1, 2, 3)))
-            out.append(a + _chunk_scale(act, d.reshape(cfg.rows), None, bi, 0, dx[t] if act == "q8_k" else None))
+            out.append(a if lanes else
+                       a + _chunk_scale(act, d.reshape(cfg.rows), None, bi, 0, dx[t] if act == "q8_k" else None))
         return tuple(out)
 
     def lane_sums(groups, xw, dx, mx, acc):
         """Config.lane_sums: one token's chunk added into float sums per code word (q8_0, acc [R, 4, 8]) or
-        per four words (k-quants, acc ([R, 4, 2, 1], the min term's [R, 4, 1, 1])), scaled per group."""
+        per four words (q4_k / q5_k, acc ([R, 4, 2, 1], the min term's [R, 4, 1, 1])), scaled per group."""
         if fmt == "q8_0":
             return acc + sum((grp.d * dx[p]) * _small_int_f32(_dp4a(grp.codes, xw[p], interpret))
                              for p, grp in enumerate(groups))
@@ -689,7 +693,7 @@ def _int_words(fmt, cfg, cols, act, interpret):
         return dots, mins
 
     def lane_store(o_ref, acc):
-        _store_rows(o_ref, [jnp.sum(a, axis=(1, 2)) if fmt == "q8_0"
+        _store_rows(o_ref, [jnp.sum(a, axis=tuple(range(1, a.ndim))) if fmt in ("q8_0", "q6_k")
                             else jnp.sum(a[0], axis=(1, 2, 3)) - jnp.sum(a[1], axis=(1, 2, 3)) for a in acc])
 
     def compute(loaded, acc):
@@ -722,6 +726,6 @@ def _int_words(fmt, cfg, cols, act, interpret):
 
     if not lanes:
         return load, compute, tuple(jnp.zeros((cfg.rows,), jnp.float32) for _ in toks), _store_rows
-    zeros = (jnp.zeros((cfg.rows, 4, 8), jnp.float32) if fmt == "q8_0" else
-             (jnp.zeros((cfg.rows, 4, 2, 1), jnp.float32), jnp.zeros((cfg.rows, 4, 1, 1), jnp.float32)))
+    zeros = {"q8_0": jnp.zeros((cfg.rows, 4, 8), jnp.float32), "q6_k": jnp.zeros((cfg.rows, 4, 2, 1), jnp.float32)}.get(
+        fmt, (jnp.zeros((cfg.rows, 4, 2, 1), jnp.float32), jnp.zeros((cfg.rows, 4, 1, 1), jnp.float32)))
     return load, compute, (zeros,) * cfg.tokens, lane_store
