@@ -265,6 +265,19 @@ def test_default_tiling_batch_axes_and_stacked_weights():
     _assert_close(ys, _ref(ws, xs, act="f32"), ws, jnp.broadcast_to(xs, (2, 3, 256)))
 
 
+@pytest.mark.parametrize("fmt", ["q5_k", "q8_0"])
+def test_lane_sums_over_stacked_matrices(fmt):
+    """Config.lane_sums where one launch multiplies several matrices, one token each (a MoE layer's
+    experts at one token), x broadcast against the stack."""
+    rng = _rng("lane-sums-stack", fmt)
+    ws = _weights(rng, fmt, (3, 16, 512))
+    xs = jnp.asarray(rng.standard_normal((2, 1, 512)) * 3, jnp.float32)
+    cfg = qm.Config(rows=16, tokens=1, unroll=2, prefetch=True, lane_sums=True)
+    ys = jax.jit(functools.partial(kernels.qmatvec_fast, act="q8_1", config=cfg, interpret=True))(ws, xs)
+    chex.assert_shape(ys, (2, 3, 16))
+    _assert_close(ys, _ref(ws, xs, act="q8_1"), ws, jnp.broadcast_to(xs, (2, 3, 512)))
+
+
 def test_derivatives_are_the_references():
     """jvp and vjp: the dequantized linear map and its transpose, as numlab.ops.qmatvec's."""
     rng = _rng("grad")
