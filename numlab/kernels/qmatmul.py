@@ -613,7 +613,7 @@ def _int_words(fmt, cfg, cols, act, interpret):
     whole_words = cols % (2 * CHUNK) == 0       # q6_k rows of whole words: one shift per chunk
     toks = range(cfg.tokens)
     lanes = cfg.lane_sums
-    if lanes and fmt in ("q4_k", "q5_k"):                 # a run's words as [2, 4]: one thread's vector of four, summed in it
+    if lanes and fmt in ("q4_k", "q5_k"):       # a run's words as [2, 4]: a thread's vector of four, summed in it
         c4, m8 = _iota((1, 4, 1, 1), 1), 4 * _iota((1, 1, 2, 1), 2) + _iota((1, 1, 1, 4), 3)
 
     def load(w_ref, x_refs, base, c, xrow):
