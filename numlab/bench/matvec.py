@@ -369,7 +369,7 @@ def tuned_first(case: Case, configs, tokens_per_matrix: int | None = None, matri
 
 def default_cases():
     """(case, configs) in priority order: issue 7's MUL_MAT rows, then attention and lm_head shapes,
-    each led by the tuned config (tuned_first)."""
+    then q5_k at one token, each led by the tuned config (tuned_first)."""
     big = (4096, 14336)
     cases = [(Case("q4_k", *big, 1, act), ONE_TOKEN) for act in ("q8_1", "f32")]
     cases.append((Case("q4_k", *big, 1, "q8_k"), ONE_TOKEN[:3]))
@@ -382,6 +382,7 @@ def default_cases():
     cases += [(Case(fmt, 512, 2048, 1, "q8_1"), ONE_TOKEN[:4]) for fmt in ("q4_k", "q6_k")]
     cases += [(Case("q6_k", 151936, 2048, 1, act), [tiling(16, prefetch=True)] + ONE_TOKEN[:2])
               for act in ("q8_1", "f32")]
+    cases.append((Case("q5_k", *big, 1, "q8_1"), []))
     return [(case, tuned_first(case, configs)) for case, configs in cases]
 
 
