@@ -260,8 +260,8 @@ class Sweep:
         self.read_bw = read_rate(case.weight_bytes, case.rows, self.calls, repeats) if case.n <= MEMORY_BOUND else None
         self.out = {"case": dataclasses.asdict(case), "weight_bytes": case.weight_bytes, "copies": copies,
                     "calls_per_timing": self.calls, "read_rate_bytes_per_s": self.read_bw,
-                    "read_rate_of_copy_bandwidth": self.read_bw and self.read_bw / copy_bw, "reference": None,
-                    "variants": []}
+                    "read_rate_of_copy_bandwidth": None if self.read_bw is None else self.read_bw / copy_bw,
+                    "reference": None, "variants": []}
 
     def reference(self):
         self.out["reference"] = measure(self.case, reference_product(self.case), self.ws, self.xs, self.calls,

@@ -612,8 +612,8 @@ def _int_words(fmt, cfg, cols, act, interpret):
     s4, f2, k4 = _iota((1, 4, 1, 1), 1), _iota((1, 1, 2, 1), 2), _iota((1, 1, 1, 4), 3)
     whole_words = cols % (2 * CHUNK) == 0       # q6_k rows of whole words: one shift per chunk
     toks = range(cfg.tokens)
-    lanes = cfg.lane_sums
-    if lanes and fmt in ("q4_k", "q5_k"):       # a run's words as [2, 4]: a thread's vector of four, summed in it
+    per_lane = cfg.lane_sums
+    if per_lane and fmt in ("q4_k", "q5_k"):    # a run's words as [2, 4]: a thread's vector of four, summed in it
         c4, m8 = _iota((1, 4, 1, 1), 1), 4 * _iota((1, 1, 2, 1), 2) + _iota((1, 1, 1, 4), 3)
 
     def load(w_ref, x_refs, base, c, xrow):
@@ -667,13 +667,13 @@ def _int_words(fmt, cfg, cols, act, interpret):
                 dots = jnp.sum(_dp4a(codes, xm, interpret), axis=3, keepdims=True, dtype=jnp.int32) - 32 * xsum
                 if after is not None:
                     dots = dots + _dp4a(after, xa, interpret)                         # [R, 4, 2, 1] half groups
-                if lanes:                         # Config.lane_sums: a float sum per half group
+                if per_lane:                      # Config.lane_sums: a float sum per half group
                     a = a + (d * (dx[t] if act == "q8_k" else dx[t][p]) * _small_int_f32(sc)) * _small_int_f32(dots)
                     continue
                 isum = jnp.sum(sc * dots, axis=(2, 3), keepdims=True, dtype=jnp.int32)  # [R, 4, 1, 1] groups
                 bi = bi + (jnp.sum(isum, axis=(1, 2, 3), dtype=jnp.int32) if act == "q8_k"
                            else jnp.sum(dx[t][p] * isum.astype(jnp.float32), axis=(1, 2, 3)))
-            out.append(a if lanes else
+            out.append(a if per_lane else
                        a + _chunk_scale(act, d.reshape(cfg.rows), None, bi, 0, dx[t] if act == "q8_k" else None))
         return tuple(out)
 
@@ -702,13 +702,13 @@ def _int_words(fmt, cfg, cols, act, interpret):
         xw, dx, mx, words = loaded
         if fmt == "q8_0":
             groups = layouts.q8_0_word_groups(*words, c4)
-            if lanes:
+            if per_lane:
                 return tuple(lane_sums(groups, xw[t], dx[t], None, a) for t, a in enumerate(acc))
             return tuple(a + sum(jnp.sum((grp.d * dx[t][p]) * _small_int_f32(
                 jnp.sum(_dp4a(grp.codes, xw[t][p], interpret), axis=2, keepdims=True, dtype=jnp.int32)), axis=(1, 2))
                 for p, grp in enumerate(groups)) for t, a in enumerate(acc))
         groups = layouts.word_groups(*words, c4)
-        if lanes:
+        if per_lane:
             return tuple(lane_sums(groups, xw[t], dx[t], mx[t], a) for t, a in enumerate(acc))
         bi, bm = [0] * cfg.tokens, [0] * cfg.tokens
         for t in toks:
@@ -724,8 +724,10 @@ def _int_words(fmt, cfg, cols, act, interpret):
         return tuple(a + _chunk_scale(act, d, dmin, bi[t], bm[t], dx[t] if act == "q8_k" else None)
                      for t, a in enumerate(acc))
 
-    if not lanes:
+    if not per_lane:
         return load, compute, tuple(jnp.zeros((cfg.rows,), jnp.float32) for _ in toks), _store_rows
-    zeros = {"q8_0": jnp.zeros((cfg.rows, 4, 8), jnp.float32), "q6_k": jnp.zeros((cfg.rows, 4, 2, 1), jnp.float32)}.get(
-        fmt, (jnp.zeros((cfg.rows, 4, 2, 1), jnp.float32), jnp.zeros((cfg.rows, 4, 1, 1), jnp.float32)))
+    if fmt in ("q8_0", "q6_k"):
+        zeros = jnp.zeros((cfg.rows, 4, 8) if fmt == "q8_0" else (cfg.rows, 4, 2, 1), jnp.float32)
+    else:
+        zeros = (jnp.zeros((cfg.rows, 4, 2, 1), jnp.float32), jnp.zeros((cfg.rows, 4, 1, 1), jnp.float32))
     return load, compute, (zeros,) * cfg.tokens, lane_store
