@@ -1,6 +1,6 @@
 """Qwen3-MoE forward on the tiny synthetic model (loaded from its GGUF file): every preset, site
 capture, the mix mechanism (mix=0 is the reference run, mix=1 the low run, exactly; gradients and
-vmap over mix), forced experts, rule locality, and compile time that does not grow with depth."""
+vmap over mix), forced experts, rule locality, and a compiled program that does not grow with depth."""
 import dataclasses
 
 import chex
