@@ -1,14 +1,17 @@
-"""Benchmarks: `python scripts/bench.py codecs [--rows R --cols C --repeats K --out PATH]`.
+"""Benchmarks: `python scripts/bench.py codecs|model|attribute|matvec|moe [--out PATH ...]`, and
+`python scripts/bench.py plot` (matvec.json and moe.json of one device run against ggml: vs_ggml.png).
 
-Each subcommand is a function here running a module of numlab/bench and writing its JSON.
+Each subcommand is a function here running a module of numlab/bench and writing its JSON (plot: its PNG).
 """
+import json
+
 import xla_env  # noqa: F401  (before JAX starts)
 import jax
 from absl import app, flags, logging
 from tqdm import tqdm
 
 import numlab.formats as formats
-from numlab.bench import codecs, matvec, model, moe
+from numlab.bench import codecs, matvec, model, moe, plot
 from numlab.io import atomic_write_json
 
 FLAGS = flags.FLAGS
@@ -26,6 +29,8 @@ flags.DEFINE_string("ref", "f32", "attribute: reference policy")
 flags.DEFINE_integer("prompts", 4, "attribute: number of random prompts (of --tokens tokens)")
 flags.DEFINE_integer("ig_points", 8, "attribute: integrated-gradients nodes")
 flags.DEFINE_integer("batch_size", 0, "attribute: mix rows per compiled call (0: all at once)")
+flags.DEFINE_list("inputs", ["results/bench/matvec.json", "results/bench/moe.json"],
+                  "plot: benchmark results of one device run (the default --out: results/bench/vs_ggml.png)")
 
 
 def bench_codecs() -> dict:
@@ -59,8 +64,26 @@ def bench_moe() -> dict:
     return moe.run(repeats=FLAGS.repeats, log=logging.info)
 
 
+def bench_plot() -> None:
+    results = []
+    for path in FLAGS.inputs:
+        try:
+            with open(path) as f:
+                results.append(json.load(f))
+        except (OSError, json.JSONDecodeError) as e:
+            raise app.UsageError(f"--inputs {path}: {e}") from None
+    rows, untimed = plot.against_ggml(results)
+    if untimed:
+        logging.warning("left out, their routed path untimed: %s", "; ".join(untimed))
+    if not rows:
+        raise app.UsageError(f"--inputs {FLAGS.inputs}: no case with a ggml time (results/bench/peer.json)")
+    out = FLAGS.out or "results/bench/vs_ggml.png"
+    plot.plot_against_ggml(rows, out, plot.title(results))
+    print(f"wrote {out}")
+
+
 COMMANDS = {"codecs": bench_codecs, "model": bench_model, "attribute": bench_attribute, "matvec": bench_matvec,
-            "moe": bench_moe}
+            "moe": bench_moe, "plot": bench_plot}
 
 
 def main(argv):
@@ -69,6 +92,8 @@ def main(argv):
     if FLAGS.repeats < 1:
         raise app.UsageError(f"--repeats {FLAGS.repeats} must be >= 1")
     result = COMMANDS[argv[1]]()
+    if result is None:
+        return
     out = FLAGS.out or f"results/bench/{argv[1]}.json"
     atomic_write_json(out, result)
     logging.info("wrote %s", out)

@@ -7,8 +7,8 @@
 #
 #   OUT=/some/dir bash scripts/device_kernels.sh
 #
-# Writes $OUT/kernels.json (everything), $OUT/results/bench/{matvec,moe,kernel-check,quantize-x}.json (also under
-# results/bench/ here), $OUT/log.txt; prints a table of reference / ours / ggml times last.
+# Writes $OUT/kernels.json (everything), $OUT/results/bench/{matvec,moe,kernel-check,quantize-x}.json and
+# vs_ggml.png (also under results/bench/ here), $OUT/log.txt; prints a table of reference / ours / ggml times last.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-/tmp/numlab-device-kernels}"
@@ -78,6 +78,12 @@ for c in bad:
 print(f"copy bandwidth {bw / 1e9:.0f} GB/s; times are device us per product (profiler), cold weights\n")
 print(mv.table(matvec))
 print(mv.table({"cases": moe["cases"]}))
+from numlab.bench import plot
+rows, untimed = plot.against_ggml([matvec, moe])
+if rows:
+    plot.plot_against_ggml(rows, "results/bench/vs_ggml.png", plot.title([matvec, moe]))
+    shutil.copy("results/bench/vs_ggml.png", os.path.join(out_dir, "results", "bench", "vs_ggml.png"))
+print(f"figure results/bench/vs_ggml.png; left out, routed path untimed: {untimed}")
 print(f"\nelapsed {time.perf_counter() - START:.0f} s; wrote {out_dir}/kernels.json")
 PY
 status=${PIPESTATUS[0]}

@@ -242,7 +242,8 @@ def config_dict(cfg: qm.Config) -> dict:
     return dataclasses.asdict(cfg)
 
 
-def _us(entry: dict) -> float:
+def cold_us(entry: dict) -> float:
+    """A timing's cold-weight microseconds: device time where the profiler gave one, else wall time."""
     c = entry["cold"]
     return c["device_us"] if c["device_us"] is not None else c["wall_us"]
 
@@ -285,9 +286,9 @@ def finish(out: dict, configs: list) -> dict:
     done = [v["config"] for v in out["variants"]]
     out["skipped_for_time"] = [c for c in configs if c not in done]
     good = [v for v in out["variants"] if v.get("ok") and "cold" in v]
-    out["best"] = min(good, key=_us) if good else None
+    out["best"] = min(good, key=cold_us) if good else None
     if out["best"] and out["reference"] and "cold" in out["reference"]:
-        out["best_speedup_over_reference"] = _us(out["reference"]) / _us(out["best"])
+        out["best_speedup_over_reference"] = cold_us(out["reference"]) / cold_us(out["best"])
     return out
 
 
@@ -504,14 +505,14 @@ def table(result: dict) -> str:
         case = Case(**c["case"])
         ref = c.get("reference") or {}
         best = c.get("best")
-        r = _us(ref) if "cold" in ref else float("nan")
-        b = _us(best) if best else float("nan")
+        r = cold_us(ref) if "cold" in ref else float("nan")
+        b = cold_us(best) if best else float("nan")
         g = ggml_time_us(case)
         ratio = f"{g / b:9.2f}" if g and best else " " * 9
         frac = f"{best['cold']['of_copy_bandwidth']:7.2f}" if best else " " * 7
         read = best["cold"].get("weights_of_read_rate") if best else None
         frac += f" {read:7.2f}" if read is not None else " " * 8
         first = (c.get("variants") or [{}])[0]
-        f = _us(first) if first.get("ok") and "cold" in first else float("nan")
+        f = cold_us(first) if first.get("ok") and "cold" in first else float("nan")
         lines.append(f"{case.name:60s} {r:9.1f} {f:9.1f} {b:9.1f} {(g or float('nan')):8.1f} {ratio} {frac}")
     return "\n".join(lines)
