@@ -56,11 +56,20 @@ def bench_attribute() -> dict:
                                  FLAGS.batch_size or None, FLAGS.repeats, log=logging.info)
 
 
+def _gpu_only(command: str):
+    if jax.default_backend() != "gpu":
+        raise app.UsageError(f"{command} times the Pallas GPU kernels against ggml's CUDA times; JAX's backend here "
+                             f"is {jax.default_backend()!r} (without a GPU numlab.ops runs the XLA reference: "
+                             f"`bench.py model` times it, `bench.py codecs` compares the codecs with ggml's C)")
+
+
 def bench_matvec() -> dict:
+    _gpu_only("matvec")
     return matvec.run(repeats=FLAGS.repeats, log=logging.info)
 
 
 def bench_moe() -> dict:
+    _gpu_only("moe")
     return moe.run(repeats=FLAGS.repeats, log=logging.info)
 
 

@@ -1,5 +1,5 @@
 """numlab.bench.plot and `scripts/bench.py plot`: each case's routed path and ratio to ggml from made-up
-timings, the figure's file, and the command's errors on bad inputs."""
+timings, the figure's file, and the command's errors on bad inputs; matvec and moe refusing a CPU."""
 import dataclasses
 import json
 import os
@@ -62,9 +62,9 @@ def test_figure_grows_with_the_cases(tmp_path):
     assert heights[1] > heights[0]
 
 
-def _bench(*args):
+def _bench(*args, command="plot"):
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    return subprocess.run([sys.executable, str(ROOT / "scripts" / "bench.py"), "plot", *args], cwd=ROOT, env=env,
+    return subprocess.run([sys.executable, str(ROOT / "scripts" / "bench.py"), command, *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300)
 
 
@@ -82,3 +82,11 @@ def test_plot_command(tmp_path):
     proc = _bench(f"--inputs={none}", f"--out={tmp_path / 'w.png'}")
     assert proc.returncode != 0 and "no case with a ggml time" in proc.stderr
     assert not (tmp_path / "w.png").exists()
+
+
+@pytest.mark.parametrize("command", ["matvec", "moe"])
+def test_gpu_benchmarks_refuse_a_cpu(command, tmp_path):
+    proc = _bench(f"--out={tmp_path / 'r.json'}", command=command)
+    assert proc.returncode != 0
+    assert f"{command} times the Pallas GPU kernels" in proc.stderr and "'cpu'" in proc.stderr
+    assert not (tmp_path / "r.json").exists()
