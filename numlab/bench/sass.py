@@ -18,7 +18,7 @@ from numlab import formats, kernels
 from numlab.formats.qtensor import QTensor
 from numlab.kernels import qmatmul as qm
 
-SM90_THREADS = 65536          # 32-bit registers per multiprocessor
+SM90_REGISTERS = 65536          # 32-bit registers per multiprocessor
 TRITON_CALL = "__gpu$xla.gpu.triton"
 _INSTRUCTION = re.compile(r"\s+/\*([0-9a-f]{4,})\*/\s+(.*?);")
 _PREDICATE = re.compile(r"^@!?U?P\w+\s+")
@@ -163,4 +163,4 @@ def main_loop(sass: str) -> tuple[int, dict]:
 
 def programs_per_multiprocessor(registers: int, num_warps: int) -> int:
     """Programs of num_warps warps that the registers alone let one sm_90 multiprocessor hold (at most 32)."""
-    return min(32, SM90_THREADS // max(1, registers * 32 * num_warps))
+    return min(32, SM90_REGISTERS // max(1, registers * 32 * num_warps))
