@@ -64,7 +64,8 @@ FMTS = ("q4_k", "q5_k", "q6_k", "q8_0")
 # replace (words=False) is checked on q4_k, q6_k and q8_0, loading a chunk ahead (prefetch) on every
 # format; integer-mode activations quantized by XLA (x_kernel=False) rather than quantize_x's kernels on three.
 # Dot tiles read q4_k / q5_k as words (q8_1: the min term in one dot); their byte path on both, in both
-# modes, and their words a chunk ahead. The word kernels with sums per word (lane_sums) on every format.
+# modes, and their words a chunk ahead. The word kernels with sums per word (lane_sums) on every format; one
+# float token on words (float_words).
 CASES = ([(f, "f32", 1, qm.Config(rows=8, tokens=1, ksplit=2)) for f in FMTS]
          + [(f, "f32", 1, qm.Config(rows=16, tokens=1, lane_runs=1)) for f in ("q6_k", "q8_0")]
          + [(f, "q8_1", 1, qm.Config(rows=16, tokens=1, unroll=2)) for f in FMTS]
@@ -89,13 +90,17 @@ CASES = ([(f, "f32", 1, qm.Config(rows=8, tokens=1, ksplit=2)) for f in FMTS]
          + [(f, a, n, qm.Config(rows=r, tokens=n, unroll=2, prefetch=True, lane_sums=True, ksplit=k, atomic=k == 2))
             for f, a, n, r, k in (("q4_k", "q8_1", 1, 16, 2), ("q5_k", "q8_1", 1, 32, 1), ("q4_k", "q8_k", 2, 16, 1),
                                   ("q5_k", "q8_k", 1, 32, 2), ("q8_0", "q8_1", 1, 16, 1), ("q8_0", "q8_0", 2, 32, 2),
-                                  ("q6_k", "q8_1", 1, 16, 2), ("q6_k", "q8_k", 2, 32, 1))])
+                                  ("q6_k", "q8_1", 1, 16, 2), ("q6_k", "q8_k", 2, 32, 1))]
+         + [(f, a, 1, qm.Config(rows=r, tokens=1, unroll=u, prefetch=u > 1, float_words=True, ksplit=k, atomic=k == 2))
+            for f, a, r, u, k in (("q4_k", "f32", 16, 2, 2), ("q5_k", "f32", 32, 1, 1), ("q4_k", "bf16", 16, 1, 1),
+                                  ("q5_k", "f16", 16, 2, 1))])
 
 
 def _case_id(fmt, act, n, cfg):
     return (f"{fmt}-{act}-{n}" + ("" if cfg.words else "-bytes") + ("-prefetch" if cfg.prefetch else "")
             + ("" if cfg.x_kernel else "-xla-quantized") + ("-lanes1" if cfg.lane_runs == 1 else "")
-            + (f"-ksplit{cfg.ksplit}" if cfg.ksplit > 1 else "") + ("-lane-sums" if cfg.lane_sums else ""))
+            + (f"-ksplit{cfg.ksplit}" if cfg.ksplit > 1 else "") + ("-lane-sums" if cfg.lane_sums else "")
+            + ("-float-words" if cfg.float_words else ""))
 
 
 @pytest.mark.parametrize("fmt,act,n,cfg", CASES, ids=[_case_id(*case) for case in CASES])
@@ -265,17 +270,18 @@ def test_default_tiling_batch_axes_and_stacked_weights():
     _assert_close(ys, _ref(ws, xs, act="f32"), ws, jnp.broadcast_to(xs, (2, 3, 256)))
 
 
-@pytest.mark.parametrize("fmt", ["q5_k", "q8_0"])
-def test_lane_sums_over_stacked_matrices(fmt):
-    """Config.lane_sums where one launch multiplies several matrices, one token each (a MoE layer's
-    experts at one token), x broadcast against the stack."""
-    rng = _rng("lane-sums-stack", fmt)
+@pytest.mark.parametrize("fmt,act,flag", [("q5_k", "q8_1", "lane_sums"), ("q8_0", "q8_1", "lane_sums"),
+                                           ("q4_k", "f32", "float_words")])
+def test_word_variants_over_stacked_matrices(fmt, act, flag):
+    """Config.lane_sums and float_words where one launch multiplies several matrices, one token each (a MoE
+    layer's experts at one token), x broadcast against the stack."""
+    rng = _rng("lane-sums-stack", fmt, act)
     ws = _weights(rng, fmt, (3, 16, 512))
     xs = jnp.asarray(rng.standard_normal((2, 1, 512)) * 3, jnp.float32)
-    cfg = qm.Config(rows=16, tokens=1, unroll=2, prefetch=True, lane_sums=True)
-    ys = jax.jit(functools.partial(kernels.qmatvec_fast, act="q8_1", config=cfg, interpret=True))(ws, xs)
+    cfg = qm.Config(rows=16, tokens=1, unroll=2, prefetch=True, **{flag: True})
+    ys = jax.jit(functools.partial(kernels.qmatvec_fast, act=act, config=cfg, interpret=True))(ws, xs)
     chex.assert_shape(ys, (2, 3, 16))
-    _assert_close(ys, _ref(ws, xs, act="q8_1"), ws, jnp.broadcast_to(xs, (2, 3, 512)))
+    _assert_close(ys, _ref(ws, xs, act=act), ws, jnp.broadcast_to(xs, (2, 3, 512)))
 
 
 def test_derivatives_are_the_references():

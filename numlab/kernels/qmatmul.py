@@ -64,7 +64,8 @@ class Config:
     subnormal sums to +0 (H100, results/bench/atomic-splits-h100.json): below 2^-126, not a rounding;
     lane_sums: the word kernels below 16 tokens keep float sums per code word (q8_0), per four words
     (q4_k / q5_k) or per half group (q6_k), the scales applied there, reduced across threads once at
-    the store instead of per chunk (sums in another order: float rounding)."""
+    the store instead of per chunk (sums in another order: float rounding); float_words: one token in a float
+    mode on q4_k / q5_k reads the weights as words (float_words()), prefetch and unroll as the word kernels."""
 
     rows: int = 16
     tokens: int = 1
@@ -79,6 +80,7 @@ class Config:
     x_kernel: bool = True
     atomic: bool = False
     lane_sums: bool = False
+    float_words: bool = False
 
     def check(self):
         for name in ("rows", "tokens"):
@@ -213,7 +215,7 @@ def qmatmul(data, fmt: str, shape, x, tile_expert, act: str, cfg: Config, interp
                          f"(fitted to [{rows}, {cols}])")
     row_bytes = formats.row_bytes(fmt, cols)
     data = data.reshape(-1)
-    if uses_words(fmt, act, cfg, cols) or dot_words(fmt, act, cfg):     # weights as 32-bit words
+    if uses_words(fmt, act, cfg, cols) or dot_words(fmt, act, cfg) or float_words(fmt, act, cfg):   # as words
         data = lax.bitcast_convert_type(data.reshape(-1, 4), jnp.int32)
     atomic = cfg.atomic and cfg.ksplit == 2
     n_out = n_tiles * cfg.tokens * rows
@@ -246,6 +248,12 @@ def uses_words(fmt: str, act: str, cfg: Config, cols: int) -> bool:
     products (_int_words): q6_k's 210-byte super-blocks where a tile of rows is whole words."""
     return (cfg.words and act in INT_ACTS.get(fmt, ()) and fmt in layouts.WORD_FORMATS and cfg.tokens < MIN_DOT
             and (fmt != "q6_k" or cols % (2 * CHUNK) == 0 or cfg.rows % 2 == 0))
+
+
+def float_words(fmt: str, act: str, cfg: Config) -> bool:
+    """Whether the kernel for (fmt, act, cfg) is _float_words: one token in a float mode, q4_k / q5_k weights
+    read as 32-bit words (Config.float_words)."""
+    return cfg.float_words and act in FLOAT_ACTS and fmt in layouts.DOT_WORD_FORMATS and cfg.tokens == 1
 
 
 def dot_words(fmt: str, act: str, cfg: Config) -> bool:
@@ -308,8 +316,9 @@ def _kernel(te_ref, w_ref, *refs, fmt, act, cfg, interpret, cols, row_bytes, exp
 
         first = k_id * steps
         words = uses_words(fmt, act, cfg, cols)
-        if words or dot_words(fmt, act, cfg):
+        if words or dot_words(fmt, act, cfg) or float_words(fmt, act, cfg):
             load, compute, acc, store = (_int_words(fmt, cfg, cols, act, interpret) if words
+                                         else _float_words(fmt, cfg, cols, interpret) if float_words(fmt, act, cfg)
                                          else _int_dot_words(fmt, cfg, cols, act, n_x, x_refs, xrow, interpret))
             if cfg.prefetch:                # the next `unroll` chunks' loads before these chunks' arithmetic
                 def loads(it):
@@ -384,6 +393,35 @@ def _float_fma(fmt, cfg, cols, interpret):
         shape = (lanes.runs, cfg.rows, g_n, GROUP // lanes.runs) if lanes.split else (cfg.rows, g_n, GROUP)
         return step, jnp.zeros(shape, jnp.float32), store
     return step, tuple(jnp.zeros((cfg.rows,), jnp.float32) for _ in range(cfg.tokens)), _store_rows
+
+
+def _float_words(fmt, cfg, cols, interpret):
+    """One token in a float mode, q4_k / q5_k weights read as words (as _int_words' lane_sums: a thread's
+    four words of a run [R, 4, 2, 4]), each word's byte j dequantized as the reference (layouts.dequantized)
+    and multiply-added (_fma) with x's value j of those words [1, 4, 2, 4] (loads smaller than a program's
+    threads, so they take the words' layout) into float32 sums per word, reduced at the store. Returns
+    (load, compute, accumulators, store) as _int_words."""
+    c4 = _iota((1, 4, 1, 1), 1)
+    m8 = 4 * _iota((1, 1, 2, 1), 2) + _iota((1, 1, 1, 4), 3)
+
+    def load(w_ref, x_refs, base, c, xrow):
+        (x_ref,) = x_refs
+        xs = [[x_ref[xrow(0) * cols + c * CHUNK + GROUP * (2 * c4 + part) + 4 * m8 + j] for j in range(4)]
+              for part in PARTS]                                                   # x first: see _kernel
+        return xs, layouts.word_load(fmt, w_ref, (base >> 2).reshape(-1, 1, 1, 1), c4, m8)
+
+    def compute(loaded, acc):
+        xs, words = loaded
+        for x, grp in zip(xs, layouts.word_groups(*words, c4)):
+            for j in range(4):
+                w = layouts.dequantized(fmt, dataclasses.replace(grp, codes=(grp.codes >> (8 * j)) & 0xFF))
+                acc = _fma(w, x[j], acc, interpret)
+        return acc
+
+    def store(o_ref, acc):
+        _store_rows(o_ref, [jnp.sum(acc, axis=(1, 2, 3))])
+
+    return load, compute, jnp.zeros((cfg.rows, 4, 2, 4), jnp.float32), store
 
 
 def _float_dot(fmt, cfg, cols):
