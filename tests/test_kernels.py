@@ -93,7 +93,7 @@ CASES = ([(f, "f32", 1, qm.Config(rows=8, tokens=1, ksplit=2)) for f in FMTS]
                                   ("q6_k", "q8_1", 1, 16, 2), ("q6_k", "q8_k", 2, 32, 1))]
          + [(f, a, 1, qm.Config(rows=r, tokens=1, unroll=u, prefetch=u > 1, float_words=True, ksplit=k, atomic=k == 2))
             for f, a, r, u, k in (("q4_k", "f32", 16, 2, 2), ("q5_k", "f32", 32, 1, 1), ("q4_k", "bf16", 16, 1, 1),
-                                  ("q5_k", "f16", 16, 2, 1))])
+                                  ("q5_k", "f16", 16, 2, 1), ("q8_0", "f32", 16, 2, 2), ("q8_0", "bf16", 32, 1, 1))])
 
 
 def _case_id(fmt, act, n, cfg):
@@ -271,7 +271,7 @@ def test_default_tiling_batch_axes_and_stacked_weights():
 
 
 @pytest.mark.parametrize("fmt,act,flag", [("q5_k", "q8_1", "lane_sums"), ("q8_0", "q8_1", "lane_sums"),
-                                           ("q4_k", "f32", "float_words")])
+                                           ("q4_k", "f32", "float_words"), ("q8_0", "f32", "float_words")])
 def test_word_variants_over_stacked_matrices(fmt, act, flag):
     """Config.lane_sums and float_words where one launch multiplies several matrices, one token each (a MoE
     layer's experts at one token), x broadcast against the stack."""

@@ -44,6 +44,7 @@ DOTS = {"f32": (lax.Precision.HIGHEST, lax.Precision.HIGHEST),
         "bf16x6": lax.DotAlgorithmPreset.BF16_BF16_F32_X6}
 _HI = (lax.Precision.HIGHEST, lax.Precision.HIGHEST)
 MIN_DOT = 16  # Triton's smallest dot operand dimension
+FLOAT_WORD_FORMATS = ("q4_k", "q5_k", "q8_0")   # one float token on words (Config.float_words)
 PARTS = tuple(range(layouts.PARTS))
 
 
@@ -65,7 +66,7 @@ class Config:
     lane_sums: the word kernels below 16 tokens keep float sums per code word (q8_0), per four words
     (q4_k / q5_k) or per half group (q6_k), the scales applied there, reduced across threads once at
     the store instead of per chunk (sums in another order: float rounding); float_words: one token in a float
-    mode on q4_k / q5_k reads the weights as words (float_words()), prefetch and unroll as the word kernels."""
+    mode on q4_k / q5_k / q8_0 reads the weights as words (float_words()), prefetch and unroll as the word kernels."""
 
     rows: int = 16
     tokens: int = 1
@@ -251,9 +252,9 @@ def uses_words(fmt: str, act: str, cfg: Config, cols: int) -> bool:
 
 
 def float_words(fmt: str, act: str, cfg: Config) -> bool:
-    """Whether the kernel for (fmt, act, cfg) is _float_words: one token in a float mode, q4_k / q5_k weights
-    read as 32-bit words (Config.float_words)."""
-    return cfg.float_words and act in FLOAT_ACTS and fmt in layouts.DOT_WORD_FORMATS and cfg.tokens == 1
+    """Whether the kernel for (fmt, act, cfg) is _float_words: one token in a float mode, q4_k / q5_k / q8_0
+    weights read as 32-bit words (Config.float_words)."""
+    return cfg.float_words and act in FLOAT_ACTS and fmt in FLOAT_WORD_FORMATS and cfg.tokens == 1
 
 
 def dot_words(fmt: str, act: str, cfg: Config) -> bool:
@@ -396,32 +397,43 @@ def _float_fma(fmt, cfg, cols, interpret):
 
 
 def _float_words(fmt, cfg, cols, interpret):
-    """One token in a float mode, q4_k / q5_k weights read as words (as _int_words' lane_sums: a thread's
-    four words of a run [R, 4, 2, 4]), each word's byte j dequantized as the reference (layouts.dequantized)
-    and multiply-added (_fma) with x's value j of those words [1, 4, 2, 4] (loads smaller than a program's
-    threads, so they take the words' layout) into float32 sums per word, reduced at the store. Returns
-    (load, compute, accumulators, store) as _int_words."""
-    c4 = _iota((1, 4, 1, 1), 1)
-    m8 = 4 * _iota((1, 1, 2, 1), 2) + _iota((1, 1, 1, 4), 3)
+    """One token in a float mode, weights read as words as the integer word kernels with lane_sums read them
+    (q4_k / q5_k: a thread's four words of a run [R, 4, 2, 4]; q8_0: the words of four pairs of blocks
+    [R, 4, 8]), each word's byte j dequantized as the reference (layouts.dequantized) and multiply-added
+    (_fma) with x's value j of those words (loads smaller than a program's threads, so they take the words'
+    layout) into float32 sums per word, reduced at the store. Returns (load, compute, accumulators, store)
+    as _int_words."""
+    if fmt == "q8_0":
+        c4, m8 = _iota((1, 4, 1), 1), _iota((1, 1, 8), 2)
+    else:
+        c4, m8 = _iota((1, 4, 1, 1), 1), 4 * _iota((1, 1, 2, 1), 2) + _iota((1, 1, 1, 4), 3)
+    wb_shape = (-1,) + (1,) * (c4.ndim - 1)
 
     def load(w_ref, x_refs, base, c, xrow):
         (x_ref,) = x_refs
         xs = [[x_ref[xrow(0) * cols + c * CHUNK + GROUP * (2 * c4 + part) + 4 * m8 + j] for j in range(4)]
               for part in PARTS]                                                   # x first: see _kernel
-        return xs, layouts.word_load(fmt, w_ref, (base >> 2).reshape(-1, 1, 1, 1), c4, m8)
+        wb = (base >> 2).reshape(wb_shape)
+        return xs, (layouts.q8_0_word_load(w_ref, wb, c4, m8) if fmt == "q8_0"
+                    else layouts.word_load(fmt, w_ref, wb, c4, m8))
+
+    def byte(codes, j):
+        """Code j of each word: signed (q8_0) or unsigned."""
+        return (codes << (24 - 8 * j)) >> 24 if fmt == "q8_0" else (codes >> (8 * j)) & 0xFF
 
     def compute(loaded, acc):
         xs, words = loaded
-        for x, grp in zip(xs, layouts.word_groups(*words, c4)):
+        groups = layouts.q8_0_word_groups(*words, c4) if fmt == "q8_0" else layouts.word_groups(*words, c4)
+        for x, grp in zip(xs, groups):
             for j in range(4):
-                w = layouts.dequantized(fmt, dataclasses.replace(grp, codes=(grp.codes >> (8 * j)) & 0xFF))
+                w = layouts.dequantized(fmt, dataclasses.replace(grp, codes=byte(grp.codes, j)))
                 acc = _fma(w, x[j], acc, interpret)
         return acc
 
     def store(o_ref, acc):
-        _store_rows(o_ref, [jnp.sum(acc, axis=(1, 2, 3))])
+        _store_rows(o_ref, [jnp.sum(acc, axis=tuple(range(1, acc.ndim)))])
 
-    return load, compute, jnp.zeros((cfg.rows, 4, 2, 4), jnp.float32), store
+    return load, compute, jnp.zeros(jnp.broadcast_shapes((cfg.rows,) + c4.shape[1:], m8.shape), jnp.float32), store
 
 
 def _float_dot(fmt, cfg, cols):
