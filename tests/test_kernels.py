@@ -93,7 +93,8 @@ CASES = ([(f, "f32", 1, qm.Config(rows=8, tokens=1, ksplit=2)) for f in FMTS]
                                   ("q6_k", "q8_1", 1, 16, 2), ("q6_k", "q8_k", 2, 32, 1))]
          + [(f, a, 1, qm.Config(rows=r, tokens=1, unroll=u, prefetch=u > 1, float_words=True, ksplit=k, atomic=k == 2))
             for f, a, r, u, k in (("q4_k", "f32", 16, 2, 2), ("q5_k", "f32", 32, 1, 1), ("q4_k", "bf16", 16, 1, 1),
-                                  ("q5_k", "f16", 16, 2, 1), ("q8_0", "f32", 16, 2, 2), ("q8_0", "bf16", 32, 1, 1))])
+                                  ("q5_k", "f16", 16, 2, 1), ("q8_0", "f32", 16, 2, 2), ("q8_0", "bf16", 32, 1, 1),
+                                  ("q6_k", "f32", 16, 2, 2), ("q6_k", "bf16", 32, 1, 1))])
 
 
 def _case_id(fmt, act, n, cfg):
@@ -117,13 +118,19 @@ def test_kernel_equals_reference(fmt, act, n, cfg):
                                           (1536, "q8_1", qm.Config(rows=16, tokens=1, ksplit=2, prefetch=True)),
                                           (1536, "q8_k", qm.Config(rows=16, tokens=2, ksplit=2)),
                                           (768, "q8_1", qm.Config(rows=16, tokens=1, lane_sums=True)),
-                                          (1536, "q8_k", qm.Config(rows=16, tokens=2, ksplit=2, lane_sums=True))])
+                                          (1536, "q8_k", qm.Config(rows=16, tokens=2, ksplit=2, lane_sums=True)),
+                                          (768, "f32", qm.Config(rows=16, tokens=1, float_words=True, prefetch=True)),
+                                          (1536, "f32", qm.Config(rows=16, tokens=1, ksplit=2, unroll=3,
+                                                                  prefetch=True, float_words=True))])
 def test_q6_k_words_in_odd_super_blocks(cols, act, cfg):
     """q6_k's 210-byte super-blocks as words, the odd ones starting mid-word: x shifted to meet them
     where a row holds an even number (here a column split starts on one), the weight words rebuilt
-    where it holds an odd number (every second row starts mid-word); bytes for tiles of one row."""
-    assert qm.uses_words("q6_k", act, cfg, cols)
-    assert qm.uses_words("q6_k", act, qm.Config(rows=1), cols) == (cols % 512 == 0)
+    where it holds an odd number (every second row starts mid-word); bytes for tiles of one row. The
+    integer word kernels and one float token on words (float_words)."""
+    def reads_words(c):
+        return qm.float_words("q6_k", act, c, cols) if act == "f32" else qm.uses_words("q6_k", act, c, cols)
+    assert reads_words(cfg)
+    assert reads_words(dataclasses.replace(cfg, rows=1)) == (cols % 512 == 0)
     rng = _rng("q6_k-odd", cols, act)
     w = _weights(rng, "q6_k", (16, cols))
     x = jnp.asarray(rng.standard_normal((cfg.tokens, cols)) * 3, jnp.float32)

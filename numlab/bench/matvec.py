@@ -347,8 +347,7 @@ def tuned_first(case: Case, configs, tokens_per_matrix: int | None = None, matri
     """numlab.kernels.tuning's config for the case (what the model runs) first; below 16 tokens in an
     integer mode on the word formats also it with sums per word (lane_sums, at 16 and 32 rows), on
     bytes (words=False), for one token with prefetch flipped, with the split
-    sum after the kernel where it adds atomically, and q8_k with x quantized by XLA; one float token on
-    q4_k / q5_k / q8_0 also on words (float_words: 16 rows a chunk ahead, 32 rows, 16 rows in 2 splits two ahead); dot tiles
+    sum after the kernel where it adds atomically, and q8_k with x quantized by XLA; one float token also on words (float_words: 16 rows a chunk ahead, 32 rows, 16 rows in 2 splits two ahead); dot tiles
     that can read words (qmatmul.dot_words) also with words flipped; then configs (tokens_per_matrix,
     matrices: the tuning's token count, default case.n, and matrices per launch)."""
     from numlab.kernels import tuning
@@ -363,7 +362,7 @@ def tuned_first(case: Case, configs, tokens_per_matrix: int | None = None, matri
             out.append(dataclasses.replace(tuned, atomic=False))
         if case.act == "q8_k":
             out.append(dataclasses.replace(tuned, x_kernel=False))
-    if qm.float_words(case.fmt, case.act, dataclasses.replace(tuned, float_words=True)):
+    if qm.float_words(case.fmt, case.act, dataclasses.replace(tuned, float_words=True), case.cols):
         out += [dataclasses.replace(tuned, float_words=True, rows=16, prefetch=True),
                 dataclasses.replace(tuned, float_words=True, rows=32),
                 dataclasses.replace(tuned, float_words=True, rows=16, ksplit=2, unroll=2, prefetch=True, atomic=True)]
@@ -440,7 +439,7 @@ def check_all(key, deadline: float, log=print) -> list:
     17 tokens; bf16 and f16, which differ from f32 only in x's rounding before the kernel, on q4_k;
     q6_k's integer word kernels also on 768 columns, odd super-blocks per row; q4_k's and q5_k's dot
     tiles also reading bytes and loading a chunk ahead, one token unsplit (two chunks ahead through the
-    loop, not only its peeled end), two splits adding atomically, one float token on words (q4_k, q5_k, q8_0), the
+    loop, not only its peeled end), two splits adding atomically, one float token on words, the
     overrides recorded: "words": False, "prefetch": True, "ksplit": 1, "atomic": True, "float_words": True)
     against the reference on fresh random inputs, small shapes: [{fmt, act, n, cols, max_err_over_scale,
     ok}]."""
@@ -456,7 +455,7 @@ def check_all(key, deadline: float, log=print) -> list:
         combos += [("q8_1", 1, {"ksplit": 1})] if cols == 1024 else []      # two chunks ahead in a loop
         combos += [("q8_1", 1, {"ksplit": 2, "atomic": True})] if cols == 1024 else []
         combos += [(act, 1, {"float_words": True, "rows": 16, "prefetch": True, "unroll": 2})
-                   for act in ("f32", "bf16")] if fmt in qm.FLOAT_WORD_FORMATS and cols == 1024 else []
+                   for act in ("f32", "bf16")] if cols == 1024 or fmt == "q6_k" else []
         ws = random_weights(jax.random.fold_in(key, i), fmt, 1, 256, cols)
         for j, (act, n, *rest) in enumerate(combos):
             overrides = dict(*rest)

@@ -44,7 +44,6 @@ DOTS = {"f32": (lax.Precision.HIGHEST, lax.Precision.HIGHEST),
         "bf16x6": lax.DotAlgorithmPreset.BF16_BF16_F32_X6}
 _HI = (lax.Precision.HIGHEST, lax.Precision.HIGHEST)
 MIN_DOT = 16  # Triton's smallest dot operand dimension
-FLOAT_WORD_FORMATS = ("q4_k", "q5_k", "q8_0")   # one float token on words (Config.float_words)
 PARTS = tuple(range(layouts.PARTS))
 
 
@@ -66,7 +65,7 @@ class Config:
     lane_sums: the word kernels below 16 tokens keep float sums per code word (q8_0), per four words
     (q4_k / q5_k) or per half group (q6_k), the scales applied there, reduced across threads once at
     the store instead of per chunk (sums in another order: float rounding); float_words: one token in a float
-    mode on q4_k / q5_k / q8_0 reads the weights as words (float_words()), prefetch and unroll as the word kernels."""
+    mode on the word formats reads the weights as words (float_words()), prefetch and unroll as the word kernels."""
 
     rows: int = 16
     tokens: int = 1
@@ -216,7 +215,7 @@ def qmatmul(data, fmt: str, shape, x, tile_expert, act: str, cfg: Config, interp
                          f"(fitted to [{rows}, {cols}])")
     row_bytes = formats.row_bytes(fmt, cols)
     data = data.reshape(-1)
-    if uses_words(fmt, act, cfg, cols) or dot_words(fmt, act, cfg) or float_words(fmt, act, cfg):   # as words
+    if uses_words(fmt, act, cfg, cols) or dot_words(fmt, act, cfg) or float_words(fmt, act, cfg, cols):   # as words
         data = lax.bitcast_convert_type(data.reshape(-1, 4), jnp.int32)
     atomic = cfg.atomic and cfg.ksplit == 2
     n_out = n_tiles * cfg.tokens * rows
@@ -251,10 +250,11 @@ def uses_words(fmt: str, act: str, cfg: Config, cols: int) -> bool:
             and (fmt != "q6_k" or cols % (2 * CHUNK) == 0 or cfg.rows % 2 == 0))
 
 
-def float_words(fmt: str, act: str, cfg: Config) -> bool:
-    """Whether the kernel for (fmt, act, cfg) is _float_words: one token in a float mode, q4_k / q5_k / q8_0
-    weights read as 32-bit words (Config.float_words)."""
-    return cfg.float_words and act in FLOAT_ACTS and fmt in FLOAT_WORD_FORMATS and cfg.tokens == 1
+def float_words(fmt: str, act: str, cfg: Config, cols: int) -> bool:
+    """Whether the kernel for (fmt, act, cfg) on rows of `cols` values is _float_words: one token in a float
+    mode, weights read as 32-bit words (Config.float_words; q6_k as uses_words reads it)."""
+    return (cfg.float_words and act in FLOAT_ACTS and fmt in layouts.WORD_FORMATS and cfg.tokens == 1
+            and (fmt != "q6_k" or cols % (2 * CHUNK) == 0 or cfg.rows % 2 == 0))
 
 
 def dot_words(fmt: str, act: str, cfg: Config) -> bool:
@@ -317,9 +317,10 @@ def _kernel(te_ref, w_ref, *refs, fmt, act, cfg, interpret, cols, row_bytes, exp
 
         first = k_id * steps
         words = uses_words(fmt, act, cfg, cols)
-        if words or dot_words(fmt, act, cfg) or float_words(fmt, act, cfg):
+        if words or dot_words(fmt, act, cfg) or float_words(fmt, act, cfg, cols):
             load, compute, acc, store = (_int_words(fmt, cfg, cols, act, interpret) if words
-                                         else _float_words(fmt, cfg, cols, interpret) if float_words(fmt, act, cfg)
+                                         else (_float_words_q6_k(cfg, cols, interpret) if fmt == "q6_k" else
+                                               _float_words(fmt, cfg, cols, interpret)) if float_words(fmt, act, cfg, cols)
                                          else _int_dot_words(fmt, cfg, cols, act, n_x, x_refs, xrow, interpret))
             if cfg.prefetch:                # the next `unroll` chunks' loads before these chunks' arithmetic
                 def loads(it):
@@ -434,6 +435,46 @@ def _float_words(fmt, cfg, cols, interpret):
         _store_rows(o_ref, [jnp.sum(acc, axis=tuple(range(1, acc.ndim)))])
 
     return load, compute, jnp.zeros(jnp.broadcast_shapes((cfg.rows,) + c4.shape[1:], m8.shape), jnp.float32), store
+
+
+def _float_words_q6_k(cfg, cols, interpret):
+    """_float_words on q6_k: the code words of q6_k_word_load [R, 4, 2, 4] (in odd chunks of rows of whole
+    words 2 bytes early, with the word after each half group's four [R, 4, 2, 1]; else rebuilt), byte j of
+    each dequantized as the reference and multiply-added with x's value there (zero where the byte lies
+    outside its half group), into float32 sums per word and per word after."""
+    s4, f2, k4 = _iota((1, 4, 1, 1), 1), _iota((1, 1, 2, 1), 2), _iota((1, 1, 1, 4), 3)
+    whole_words = cols % (2 * CHUNK) == 0
+
+    def load(w_ref, x_refs, base, c, xrow):
+        (x_ref,) = x_refs
+        sh = 2 * (c % 2) if whole_words else 0          # rebuilt words hold their half group's bytes exactly
+        xs = []
+        for p in PARTS:
+            half = xrow(0) * cols + c * CHUNK + GROUP * layouts.q6_k_group(s4, p) + 16 * f2
+            main = [jnp.where(4 * k4 + j >= sh, x_ref[jnp.maximum(half + 4 * k4 + j - sh, 0)], 0.0) for j in range(4)]
+            after = [jnp.where(j < sh, x_ref[half + 16 + j - sh], 0.0)     # even chunks (sh 0) are never a row's last
+                     for j in range(2)] if whole_words else None
+            xs.append((main, after))                                               # x first: see _kernel
+        sh_w = 2 * (c % 2) if whole_words else base & 3
+        return xs, sh_w, layouts.q6_k_word_load(w_ref, base >> 2, sh_w, rebuild=not whole_words)
+
+    def compute(loaded, acc):
+        xs, sh, words = loaded
+        d, parts = layouts.q6_k_word_groups(*words, sh)
+        main_acc, after_acc = acc
+        for (codes, after, sc), (x_main, x_after) in zip(parts, xs):
+            for j, x in enumerate(x_main):
+                grp = layouts.Groups(((codes >> (8 * j)) & 0xFF) - 32, 1, None, d, sc, None, None, None, None)
+                main_acc = _fma(layouts.dequantized("q6_k", grp), x, main_acc, interpret)
+            for j, x in enumerate(x_after or ()):
+                grp = layouts.Groups(((after >> (8 * j)) & 0xFF) - 32, 1, None, d, sc, None, None, None, None)
+                after_acc = _fma(layouts.dequantized("q6_k", grp), x, after_acc, interpret)
+        return main_acc, after_acc
+
+    def store(o_ref, acc):
+        _store_rows(o_ref, [jnp.sum(acc[0], axis=(1, 2, 3)) + jnp.sum(acc[1], axis=(1, 2, 3))])
+
+    return load, compute, (jnp.zeros((cfg.rows, 4, 2, 4), jnp.float32), jnp.zeros((cfg.rows, 4, 2, 1), jnp.float32)), store
 
 
 def _float_dot(fmt, cfg, cols):
