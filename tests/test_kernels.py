@@ -195,6 +195,23 @@ def test_atomic_experts_are_the_split_sums_bit_for_bit():
     np.testing.assert_array_equal(np.asarray(y).view(np.uint32), np.asarray(run(cfg)).view(np.uint32))
 
 
+@pytest.mark.parametrize("fmt", ["q4_k", "q6_k"])
+def test_float_words_in_the_grouped_kernel(fmt):
+    """Config.float_words in the MoE layer's grouped kernel (each pair's row read through src): every pair's
+    output the reference product with its expert's matrix."""
+    rng = _rng("float-words-experts", fmt)
+    experts = _weights(rng, fmt, (4, 16, 512))
+    x = jnp.asarray(rng.standard_normal((3, 512)), jnp.float32)
+    expert = jnp.asarray([2, 0, 2], jnp.int32)
+    cfg = qm.Config(rows=16, tokens=1, ksplit=2, unroll=1, prefetch=True, atomic=True, float_words=True)
+    y = jax.jit(functools.partial(kernels.expert_qmatvec_fast, act="f32", config=cfg, interpret=True))(
+        experts, x, expert)
+    chex.assert_shape(y, (3, 16))
+    for i, e in enumerate(np.asarray(expert)):
+        w = QTensor(experts.data[e], fmt, (16, 512))
+        _assert_close(y[i], _ref(w, x[i], act="f32"), w, x[i])
+
+
 @pytest.mark.parametrize("fmt", FMTS)
 def test_one_token_float_kernels_fuse_multiply_adds(fmt):
     """The Triton lowering (done on the CPU) of one token in f32 accumulates by PTX fma.rn.f32 (Pallas'
