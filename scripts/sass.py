@@ -75,7 +75,8 @@ def main(argv):
             top = ", ".join(f"{op} {n}" for op, n in list(r["main_loop_opcodes"].items())[:8])
             per = r.get("warp_instructions_per_row_and_chunk")
             print(f"{text or 'tuned':32s} {r['kernel']:28s} regs {r['registers']:3d} stack {r['stack_bytes']:4d} "
-                  f"conversions {r['layout_conversions']:2d} loop {r['main_loop_instructions_per_thread']:5d}" + (f" ({per} per row and chunk)" if per else "")
+                  f"conversions {r['layout_conversions']:2d} loop {r['main_loop_instructions_per_thread']:5d}"
+                  + (f" ({per} per row and chunk)" if per else "")
                   + f": {top}")
     if FLAGS.out:
         atomic_write_json(FLAGS.out, result)

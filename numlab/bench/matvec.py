@@ -344,12 +344,12 @@ MANY_TOKENS_FLOAT = [tiling(64, tokens=32, warps=8), tiling(32, tokens=16, warps
 
 
 def tuned_first(case: Case, configs, tokens_per_matrix: int | None = None, matrices: int = 1) -> list:
-    """numlab.kernels.tuning's config for the case (what the model runs) first; below 16 tokens in an
-    integer mode on the word formats also it with sums per word (lane_sums, at 16 and 32 rows), on
-    bytes (words=False), for one token with prefetch flipped, with the split
-    sum after the kernel where it adds atomically, and q8_k with x quantized by XLA; one float token also on words (float_words: 16 rows a chunk ahead, 32 rows, 16 rows in 2 splits two ahead); dot tiles
-    that can read words (qmatmul.dot_words) also with words flipped; then configs (tokens_per_matrix,
-    matrices: the tuning's token count, default case.n, and matrices per launch)."""
+    """numlab.kernels.tuning's config for the case (what the model runs) first; below 16 tokens in an integer mode on
+    the word formats also it with sums per word (lane_sums, at 16 and 32 rows), on bytes (words=False), for one
+    token with prefetch flipped, with the split sum after the kernel where it adds atomically, and q8_k with x
+    quantized by XLA; one float token also on words (float_words: 16 rows a chunk ahead, 32 rows, 16 rows in 2
+    splits two ahead); dot tiles that can read words (qmatmul.dot_words) also with words flipped; then configs
+    (tokens_per_matrix, matrices: the tuning's token count, default case.n, and matrices per launch)."""
     from numlab.kernels import tuning
     tuned = tuning.config_for(case.fmt, case.act, tokens_per_matrix or case.n, case.rows, case.cols, matrices)
     out = [tuned]

@@ -1,5 +1,6 @@
 """numlab's products against ggml's CUDA times, as a figure: the matvec and moe benchmark results of one
-device run, one bar per case as numlab.ops runs it (ggml's time over ours, and our weights' read rate over the copy bandwidth).
+device run, one bar per case as numlab.ops runs it (ggml's time over ours, and our weights' read rate
+over the copy bandwidth).
 matplotlib with the Agg backend; the file written atomically."""
 import matplotlib
 
@@ -27,8 +28,9 @@ def routed_path(case: mv.Case) -> str:
 
 def against_ggml(results: list[dict]) -> tuple[list[dict], list[str]]:
     """(rows, untimed): one row per case that ggml timed, for the path numlab.ops routes it to (the kernel
-    in its tuned config, a sweep's first variant, or XLA's reference; cold weights, device time): ours_us, ggml_us, ggml_over_ours and ours'
-    of_copy_bandwidth; untimed: the cases whose routed path has no timing in results."""
+    in its tuned config, a sweep's first variant, or XLA's reference; cold weights, device time): ours_us,
+    ggml_us, ggml_over_ours and ours' of_copy_bandwidth; untimed: the cases whose routed path has no timing
+    in results."""
     rows, untimed = [], []
     for result in results:
         for c in result["cases"]:

@@ -82,7 +82,8 @@ def triton_kernels(fn, *args) -> list[Kernel]:
         for region in op.regions:
             for block in region.blocks:
                 for inner in block.operations:
-                    if inner.name == "stablehlo.custom_call" and TRITON_CALL in str(inner.attributes["call_target_name"]):
+                    target = str(inner.attributes["call_target_name"]) if inner.name == "stablehlo.custom_call" else ""
+                    if TRITON_CALL in target:
                         calls.append(inner)
                     walk(inner)
 

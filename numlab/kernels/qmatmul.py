@@ -316,12 +316,15 @@ def _kernel(te_ref, w_ref, *refs, fmt, act, cfg, interpret, cols, row_bytes, exp
             return base + c * layouts.CHUNK_BYTES[fmt], c
 
         first = k_id * steps
-        words = uses_words(fmt, act, cfg, cols)
-        if words or dot_words(fmt, act, cfg) or float_words(fmt, act, cfg, cols):
-            load, compute, acc, store = (_int_words(fmt, cfg, cols, act, interpret) if words
-                                         else (_float_words_q6_k(cfg, cols, interpret) if fmt == "q6_k" else
-                                               _float_words(fmt, cfg, cols, interpret)) if float_words(fmt, act, cfg, cols)
-                                         else _int_dot_words(fmt, cfg, cols, act, n_x, x_refs, xrow, interpret))
+        words, floats = uses_words(fmt, act, cfg, cols), float_words(fmt, act, cfg, cols)
+        if words or floats or dot_words(fmt, act, cfg):
+            if words:
+                load, compute, acc, store = _int_words(fmt, cfg, cols, act, interpret)
+            elif floats:
+                load, compute, acc, store = (_float_words_q6_k(cfg, cols, interpret) if fmt == "q6_k"
+                                             else _float_words(fmt, cfg, cols, interpret))
+            else:
+                load, compute, acc, store = _int_dot_words(fmt, cfg, cols, act, n_x, x_refs, xrow, interpret)
             if cfg.prefetch:                # the next `unroll` chunks' loads before these chunks' arithmetic
                 def loads(it):
                     return tuple(load(w_ref, x_refs, *chunk(first + it * cfg.unroll + u), xrow)
@@ -434,7 +437,8 @@ def _float_words(fmt, cfg, cols, interpret):
     def store(o_ref, acc):
         _store_rows(o_ref, [jnp.sum(acc, axis=tuple(range(1, acc.ndim)))])
 
-    return load, compute, jnp.zeros(jnp.broadcast_shapes((cfg.rows,) + c4.shape[1:], m8.shape), jnp.float32), store
+    zeros = jnp.zeros(jnp.broadcast_shapes((cfg.rows,) + c4.shape[1:], m8.shape), jnp.float32)
+    return load, compute, zeros, store
 
 
 def _float_words_q6_k(cfg, cols, interpret):
@@ -451,7 +455,8 @@ def _float_words_q6_k(cfg, cols, interpret):
         xs = []
         for p in PARTS:
             half = xrow(0) * cols + c * CHUNK + GROUP * layouts.q6_k_group(s4, p) + 16 * f2
-            main = [jnp.where(4 * k4 + j >= sh, x_ref[jnp.maximum(half + 4 * k4 + j - sh, 0)], 0.0) for j in range(4)]
+            main = [jnp.where(4 * k4 + j >= sh, x_ref[jnp.maximum(half + 4 * k4 + j - sh, 0)], 0.0)
+                    for j in range(4)]
             after = [jnp.where(j < sh, x_ref[half + 16 + j - sh], 0.0)     # even chunks (sh 0) are never a row's last
                      for j in range(2)] if whole_words else None
             xs.append((main, after))                                               # x first: see _kernel
@@ -464,7 +469,7 @@ def _float_words_q6_k(cfg, cols, interpret):
         main_acc, after_acc = acc
         for (codes, after, sc), (x_main, x_after) in zip(parts, xs):
             for j, x in enumerate(x_main):
-                grp = layouts.Groups(((codes >> (8 * j)) & 0xFF) - 32, 1, None, d, sc, None, None, None, None)
+                grp = layouts.Groups(((codes >> (8 * j)) & 0xFF) - 32, 1, None, d, sc, None, None, None, None)  # signed
                 main_acc = _fma(layouts.dequantized("q6_k", grp), x, main_acc, interpret)
             for j, x in enumerate(x_after or ()):
                 grp = layouts.Groups(((after >> (8 * j)) & 0xFF) - 32, 1, None, d, sc, None, None, None, None)
@@ -474,7 +479,8 @@ def _float_words_q6_k(cfg, cols, interpret):
     def store(o_ref, acc):
         _store_rows(o_ref, [jnp.sum(acc[0], axis=(1, 2, 3)) + jnp.sum(acc[1], axis=(1, 2, 3))])
 
-    return load, compute, (jnp.zeros((cfg.rows, 4, 2, 4), jnp.float32), jnp.zeros((cfg.rows, 4, 2, 1), jnp.float32)), store
+    zeros = (jnp.zeros((cfg.rows, 4, 2, 4), jnp.float32), jnp.zeros((cfg.rows, 4, 2, 1), jnp.float32))
+    return load, compute, zeros, store
 
 
 def _float_dot(fmt, cfg, cols):
