@@ -59,7 +59,8 @@ def main(argv):
     tuned = qm.fit(tuning.config_for(FLAGS.fmt, FLAGS.act, FLAGS.tokens, FLAGS.rows, FLAGS.cols), FLAGS.rows,
                    FLAGS.cols)
     workdir = FLAGS.workdir or tempfile.mkdtemp(prefix="numlab-sass-")
-    result = {"what": f"{FLAGS.fmt} . {FLAGS.act}, {FLAGS.rows}x{FLAGS.cols}, {FLAGS.tokens} tokens, compiled for "
+    tokens = f"{FLAGS.tokens} token{'s' * (FLAGS.tokens != 1)}"
+    result = {"what": f"{FLAGS.fmt} . {FLAGS.act}, {FLAGS.rows}x{FLAGS.cols}, {tokens}, compiled for "
                       f"sm_90 without a GPU (pip triton, enable_fp_fusion off; cuobjdump); the main loop is the "
                       f"largest backward branch", "jax_version": jax.__version__, "variants": []}
     if importlib.util.find_spec("triton") is None:
