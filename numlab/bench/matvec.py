@@ -157,10 +157,12 @@ def _rel_err(y, ref, w_deq, x) -> float:
     return float(jnp.where(jnp.all(jnp.isfinite(y)), jnp.max(err), jnp.inf))
 
 
+@functools.lru_cache(maxsize=None)
 def read_rate(nbytes: int, rows: int, calls: int, repeats: int) -> float:
     """Bytes/s that XLA's int32 row sum reads from [rows, nbytes / 4 / rows] arrays rotated past the L2
     (copies_for), from device time where there is one: a read-only ceiling for a matvec whose packed
-    weights take nbytes (at 64 MB on the H100 1.26 of the copy bandwidth, results/bench/read-ceiling-h100.json)."""
+    weights take nbytes (at 64 MB on the H100 1.26 of the copy bandwidth, results/bench/read-ceiling-h100.json);
+    measured once per process and shape (the sweeps of one weight size share it)."""
     words = max(1, nbytes // 4 // rows)
     arrays = [jnp.full((rows, words), i, jnp.int32) for i in range(copies_for(nbytes, calls))]
     t = time_calls(jax.jit(lambda a: jnp.sum(a, axis=1)), [(a,) for a in arrays], calls, repeats)
@@ -246,6 +248,11 @@ def cold_us(entry: dict) -> float:
     """A timing's cold-weight microseconds: device time where the profiler gave one, else wall time."""
     c = entry["cold"]
     return c["device_us"] if c["device_us"] is not None else c["wall_us"]
+
+
+def cold_us_or_nan(entry: dict | None) -> float:
+    """cold_us of a timing that ran and passed its check; nan for none, an error or a failed check."""
+    return cold_us(entry) if entry and "cold" in entry and entry.get("ok", True) else float("nan")
 
 
 class Sweep:
@@ -509,16 +516,13 @@ def table(result: dict) -> str:
              f"{'of copy':>7s} {'of read':>7s}"]
     for c in result["cases"]:
         case = Case(**c["case"])
-        ref = c.get("reference") or {}
         best = c.get("best")
-        r = cold_us(ref) if "cold" in ref else float("nan")
-        b = cold_us(best) if best else float("nan")
+        r, b = cold_us_or_nan(c.get("reference")), cold_us_or_nan(best)
         g = ggml_time_us(case)
         ratio = f"{g / b:9.2f}" if g and best else " " * 9
         frac = f"{best['cold']['of_copy_bandwidth']:7.2f}" if best else " " * 7
         read = best["cold"].get("weights_of_read_rate") if best else None
         frac += f" {read:7.2f}" if read is not None else " " * 8
-        first = (c.get("variants") or [{}])[0]
-        f = cold_us(first) if first.get("ok") and "cold" in first else float("nan")
+        f = cold_us_or_nan((c.get("variants") or [None])[0])
         lines.append(f"{case.name:60s} {r:9.1f} {f:9.1f} {b:9.1f} {(g or float('nan')):8.1f} {ratio} {frac}")
     return "\n".join(lines)

@@ -22,6 +22,12 @@ from numlab.ops import qmatvec as ops_qmatvec
 N_EXPERTS, TOP_K, D_FF, D_MODEL = 128, 8, 768, 2048
 
 
+def tokens_per_expert(n: int) -> int:
+    """Mean tokens per expert of n tokens routed to TOP_K of N_EXPERTS (at least 1): the token count
+    numlab.ops.expert_qmatvec routes by (kernels.use_for)."""
+    return max(1, n * TOP_K // N_EXPERTS)
+
+
 def routes(key, n: int, n_experts: int, k: int = TOP_K):
     """int32 [n, k]: k distinct random experts out of n_experts per token."""
     keys = jax.random.split(key, n)
@@ -153,7 +159,7 @@ def default_cases():
              (mv.Case("q6_k", D_FF, D_MODEL, 1, "q8_1", "mul_mat_id"), one[:2]),
              (mv.Case("q6_k", D_MODEL, D_FF, 1, "q8_1", "mul_mat_id"), one[:2]),     # Q4_K_M's Q6_K ffn_down
              (q4(1, "f32"), one[:2]), (q4(64, "f32"), few_float), (q4(256, "f32"), many_float)]
-    return [(c, mv.tuned_first(c, cfgs, max(1, c.n * TOP_K // N_EXPERTS), min(c.n * TOP_K, N_EXPERTS)))
+    return [(c, mv.tuned_first(c, cfgs, tokens_per_expert(c.n), min(c.n * TOP_K, N_EXPERTS)))
             for c, cfgs in cases]
 
 

@@ -16,13 +16,9 @@ from numlab.io import atomic_savefig  # noqa: E402
 ACT_COLORS = {"q8_1": "C0", "q8_k": "C1", "f32": "C2", "bf16": "C3", "f16": "C4"}
 
 
-def _cold_us(entry: dict | None) -> float:
-    return mv.cold_us(entry) if entry and "cold" in entry and entry.get("ok", True) else float("nan")
-
-
 def routed_path(case: mv.Case) -> str:
     """"kernel" or "XLA": where numlab.ops sends the case on a GPU (kernels.use_for, by tokens per matrix)."""
-    per_matrix = max(1, case.n * moe.TOP_K // moe.N_EXPERTS) if case.what == "mul_mat_id" else case.n
+    per_matrix = moe.tokens_per_expert(case.n) if case.what == "mul_mat_id" else case.n
     return "kernel" if tuning.pays(case.act, per_matrix) else "XLA"
 
 
@@ -40,7 +36,7 @@ def against_ggml(results: list[dict]) -> tuple[list[dict], list[str]]:
                 continue
             path = routed_path(case)
             entry = (c.get("variants") or [None])[0] if path == "kernel" else c.get("reference")
-            ours = _cold_us(entry)
+            ours = mv.cold_us_or_nan(entry)
             if not np.isfinite(ours):
                 untimed.append(case.name)
                 continue
