@@ -246,15 +246,20 @@ def qmatmul(data, fmt: str, shape, x, tile_expert, act: str, cfg: Config, interp
 def uses_words(fmt: str, act: str, cfg: Config, cols: int) -> bool:
     """Whether the kernel for (fmt, act, cfg) on rows of `cols` values reads 32-bit words with byte dot
     products (_int_words): q6_k's 210-byte super-blocks where a tile of rows is whole words."""
-    return (cfg.words and act in INT_ACTS.get(fmt, ()) and fmt in layouts.WORD_FORMATS and cfg.tokens < MIN_DOT
-            and (fmt != "q6_k" or cols % (2 * CHUNK) == 0 or cfg.rows % 2 == 0))
+    return (cfg.words and act in INT_ACTS.get(fmt, ()) and cfg.tokens < MIN_DOT
+            and _word_rows(fmt, cfg, cols))
 
 
 def float_words(fmt: str, act: str, cfg: Config, cols: int) -> bool:
     """Whether the kernel for (fmt, act, cfg) on rows of `cols` values is _float_words: one token in a float
-    mode, weights read as 32-bit words (Config.float_words; q6_k as uses_words reads it)."""
-    return (cfg.float_words and act in FLOAT_ACTS and fmt in layouts.WORD_FORMATS and cfg.tokens == 1
-            and (fmt != "q6_k" or cols % (2 * CHUNK) == 0 or cfg.rows % 2 == 0))
+    mode, weights read as 32-bit words (Config.float_words)."""
+    return cfg.float_words and act in FLOAT_ACTS and cfg.tokens == 1 and _word_rows(fmt, cfg, cols)
+
+
+def _word_rows(fmt: str, cfg: Config, cols: int) -> bool:
+    """Whether a tile of cfg.rows rows of fmt reads as 32-bit words: the word formats, q6_k's 210-byte
+    super-blocks where its rows are whole words or the tile holds rows in pairs."""
+    return fmt in layouts.WORD_FORMATS and (fmt != "q6_k" or cols % (2 * CHUNK) == 0 or cfg.rows % 2 == 0)
 
 
 def dot_words(fmt: str, act: str, cfg: Config) -> bool:
@@ -451,7 +456,8 @@ def _float_words_q6_k(cfg, cols, interpret):
 
     def load(w_ref, x_refs, base, c, xrow):
         (x_ref,) = x_refs
-        sh = 2 * (c % 2) if whole_words else 0          # rebuilt words hold their half group's bytes exactly
+        sh_w = 2 * (c % 2) if whole_words else base & 3
+        sh = sh_w if whole_words else 0                 # rebuilt words hold their half group's bytes exactly
         xs = []
         for p in PARTS:
             half = xrow(0) * cols + c * CHUNK + GROUP * layouts.q6_k_group(s4, p) + 16 * f2
@@ -460,20 +466,23 @@ def _float_words_q6_k(cfg, cols, interpret):
             after = [jnp.where(j < sh, x_ref[half + 16 + j - sh], 0.0)     # even chunks (sh 0) are never a row's last
                      for j in range(2)] if whole_words else None
             xs.append((main, after))                                               # x first: see _kernel
-        sh_w = 2 * (c % 2) if whole_words else base & 3
         return xs, sh_w, layouts.q6_k_word_load(w_ref, base >> 2, sh_w, rebuild=not whole_words)
 
     def compute(loaded, acc):
         xs, sh, words = loaded
         d, parts = layouts.q6_k_word_groups(*words, sh)
         main_acc, after_acc = acc
+
+        def add(words, j, sc, x, acc):
+            """acc + the dequantized byte j of words (levels less their bias 32: signed codes) times x."""
+            grp = layouts.Groups(((words >> (8 * j)) & 0xFF) - 32, 1, None, d, sc, None, None, None, None)
+            return _fma(layouts.dequantized("q6_k", grp), x, acc, interpret)
+
         for (codes, after, sc), (x_main, x_after) in zip(parts, xs):
             for j, x in enumerate(x_main):
-                grp = layouts.Groups(((codes >> (8 * j)) & 0xFF) - 32, 1, None, d, sc, None, None, None, None)  # signed
-                main_acc = _fma(layouts.dequantized("q6_k", grp), x, main_acc, interpret)
+                main_acc = add(codes, j, sc, x, main_acc)
             for j, x in enumerate(x_after or ()):
-                grp = layouts.Groups(((after >> (8 * j)) & 0xFF) - 32, 1, None, d, sc, None, None, None, None)
-                after_acc = _fma(layouts.dequantized("q6_k", grp), x, after_acc, interpret)
+                after_acc = add(after, j, sc, x, after_acc)
         return main_acc, after_acc
 
     def store(o_ref, acc):
